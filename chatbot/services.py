@@ -1,0 +1,43 @@
+"""Builds the application's long-lived objects from the settings, in one place.
+
+The CLI, the web app and the benchmarks call these instead of wiring classes together themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chatbot.settings import Settings
+from knowledge_base.embeddings import Embedder, make_embedder
+from knowledge_base.kb import KnowledgeBase
+
+if TYPE_CHECKING:
+    from chatbot.store import ConversationStore
+
+__all__ = ["DEMO_DIR", "demo_file", "open_conversation_store", "open_knowledge_base"]
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "knowledge_base" / "demo"
+
+
+def demo_file(name: str = "faq.csv") -> Path:
+    """A file of the bundled demo (the Northwind Goods FAQ and its evaluation sets)."""
+    return DEMO_DIR / name
+
+
+def open_knowledge_base(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> KnowledgeBase:
+    return KnowledgeBase(
+        settings.data_dir / "kb", settings.kb, embedder or make_embedder(settings.kb), progress=progress
+    )
+
+
+def open_conversation_store(settings: Settings) -> ConversationStore:
+    from chatbot.store import ConversationStore
+
+    return ConversationStore(settings.data_dir / "conversations.sqlite3", redact_pii=settings.policy.redact_pii)

@@ -1,0 +1,343 @@
+"""The knowledge base: SQLite entries plus the FAISS and BM25 indexes derived from them.
+
+One object owns a data folder (``<data_dir>/kb/``) and keeps the three in step: every write goes
+to SQLite first, then updates the indexes incrementally (only the changed entries' texts are
+embedded, and only if their content hash is not in the cache), then saves each index atomically.
+At open, an index whose revision or embedding model disagrees with SQLite is rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from knowledge_base.embeddings import Embedder
+from knowledge_base.entry import FAQEntry, normalize_text, text_hash
+from knowledge_base.errors import IngestError, NotFoundError, Problem
+from knowledge_base.export import export_entries
+from knowledge_base.index import DenseIndex, LexicalIndex, VectorKey
+from knowledge_base.loaders import load_faq_bytes, load_faq_file
+from knowledge_base.retriever import SearchHit, rank
+from knowledge_base.settings import KBSettings
+from knowledge_base.store import EntryStore, UpsertReport
+
+__all__ = ["AddReport", "KnowledgeBase"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class AddReport:
+    """What an upload did: counts as in the CLI contract, plus rows skipped on request."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    total: int = 0
+    skipped: list[Problem] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    added_ids: list[str] = field(default_factory=list)
+    updated_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "total": self.total,
+        }
+        if self.skipped:
+            out["skipped"] = [p.to_dict() for p in self.skipped]
+        return out
+
+
+def _lexical_text(entry: FAQEntry) -> str:
+    return "\n".join([*entry.questions, entry.answer])
+
+
+class KnowledgeBase:
+    DENSE_FILE = "dense.faiss.npz"
+    LEXICAL_FILE = "bm25.json"
+
+    def __init__(
+        self, directory: Path, settings: KBSettings, embedder: Embedder, *, progress: Progress | None = None
+    ) -> None:
+        self.directory = directory
+        self.settings = settings
+        self.embedder = embedder
+        self.progress = progress
+        directory.mkdir(parents=True, exist_ok=True)
+        self.store = EntryStore(directory / "kb.sqlite3")
+        self._lock = threading.RLock()
+        self._entries: dict[str, FAQEntry] = {}
+        self.dense: DenseIndex | None = None
+        self.lexical = LexicalIndex()
+        self._open_indexes()
+
+    # -- opening and rebuilding -----------------------------------------------------------------
+    def _vector_texts(self, entry: FAQEntry) -> list[tuple[str, str]]:
+        texts = [("q", q) for q in dict.fromkeys(entry.questions)]
+        if self.settings.answer_weight > 0:
+            texts.append(("a", f"{entry.question}\n{entry.answer}"))
+        return texts
+
+    def _open_indexes(self) -> None:
+        revision = self.store.revision
+        self._entries = {e.id: e for e in self.store.all(enabled_only=True)}
+        dense_path, lexical_path = self.directory / self.DENSE_FILE, self.directory / self.LEXICAL_FILE
+        reason = ""
+        try:
+            dense, dense_rev, model = DenseIndex.load(dense_path)
+            if dense_rev != revision or model != self.embedder.name or dense.entry_ids() != set(self._entries):
+                reason = "dense index is out of date"
+            else:
+                self.dense = dense
+        except FileNotFoundError:
+            reason = "no dense index yet"
+        except Exception as exc:  # a damaged file is rebuilt, never trusted
+            reason = f"dense index unreadable ({exc})"
+        try:
+            lexical, lexical_rev = LexicalIndex.load(lexical_path)
+            if lexical_rev != revision or set(lexical.docs) != set(self._entries):
+                reason = reason or "BM25 index is out of date"
+                raise ValueError
+            self.lexical = lexical
+        except Exception:
+            self.lexical = LexicalIndex()
+            reason = reason or "BM25 index missing or unreadable"
+            self.dense = None
+        if self.dense is None:
+            if self._entries:
+                log.warning("rebuilding the search indexes: %s", reason)
+            self.reindex()
+
+    def reindex(self) -> dict[str, int]:
+        """Rebuild both indexes from SQLite (cached vectors are reused; only new texts are embedded)."""
+        with self._lock:
+            self._entries = {e.id: e for e in self.store.all(enabled_only=True)}
+            self.dense = DenseIndex(self.embedder.dim)
+            self.lexical = LexicalIndex()
+            embedded = self._index_entries(list(self._entries.values()))
+            self._save()
+            self.store.prune_cache(self.embedder.name, self._live_hashes())
+            return {"entries": len(self._entries), "vectors": len(self.dense), "embedded": embedded}
+
+    def _live_hashes(self) -> set[str]:
+        return {text_hash(t) for e in self.store.all() for _, t in self._vector_texts(e)}
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for ``texts``, from the cache where possible; new ones are embedded and cached."""
+        hashes = [text_hash(t) for t in texts]
+        cached = self.store.cached_vectors(self.embedder.name, hashes)
+        missing = list(dict.fromkeys(h for h in hashes if h not in cached))
+        if missing:
+            by_hash = dict(zip(hashes, texts, strict=True))
+            # Longest first: batches of similar length waste less padding.
+            order = sorted(missing, key=lambda h: -len(by_hash[h]))
+            report = self.progress
+            progress = (lambda d, t: report("embedding", d, t)) if report else None
+            vectors = self.embedder.embed(
+                [by_hash[h] for h in order], batch_size=self.settings.embedding_batch_size, progress=progress
+            )
+            fresh = dict(zip(order, vectors, strict=True))
+            self.store.cache_vectors(self.embedder.name, fresh)
+            cached.update(fresh)
+        self._last_embedded = len(missing)
+        return np.vstack([cached[h] for h in hashes]) if hashes else np.zeros((0, self.embedder.dim), np.float32)
+
+    def _index_entries(self, entries: Sequence[FAQEntry]) -> int:
+        assert self.dense is not None
+        keys, texts = [], []
+        for entry in entries:
+            for kind, text in self._vector_texts(entry):
+                keys.append(VectorKey(entry.id, kind, text_hash(text)))
+                texts.append(text)
+        self._last_embedded = 0
+        vectors = self._embed(texts)
+        self.dense.add(keys, vectors)
+        for entry in entries:
+            self.lexical.add(entry.id, _lexical_text(entry))
+        return self._last_embedded
+
+    def _save(self) -> None:
+        assert self.dense is not None
+        revision = self.store.revision
+        self.dense.save(self.directory / self.DENSE_FILE, revision=revision, model=self.embedder.name)
+        self.lexical.save(self.directory / self.LEXICAL_FILE, revision=revision)
+
+    def _refresh(self, changed_ids: Iterable[str], removed_ids: Iterable[str] = ()) -> None:
+        """Bring the indexes in step with SQLite for these entries only."""
+        assert self.dense is not None
+        changed = self.store.get_many(list(dict.fromkeys(changed_ids)))
+        gone = set(removed_ids) | {e.id for e in changed}
+        self.dense.remove_entries(gone)
+        for entry_id in gone:
+            self.lexical.remove(entry_id)
+            self._entries.pop(entry_id, None)
+        live = [e for e in changed if e.enabled]
+        self._index_entries(live)
+        self._entries.update({e.id: e for e in live})
+        self._save()
+
+    # -- reading --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.store.count()
+
+    @property
+    def revision(self) -> int:
+        return self.store.revision
+
+    def entries(self, *, enabled_only: bool = False, category: str | None = None) -> list[FAQEntry]:
+        return self.store.all(enabled_only=enabled_only, category=category)
+
+    def get(self, entry_id: str) -> FAQEntry:
+        return self.store.get(entry_id)
+
+    def search(
+        self, query: str, k: int | None = None, *, category: str | None = None, mode: str | None = None
+    ) -> list[SearchHit]:
+        """The best entries for ``query``; see `knowledge_base.retriever` for what the score means."""
+        query = normalize_text(query)
+        if not query:
+            return []
+        vector = self.embedder.embed_batch([query])[0] if mode != "bm25" else np.zeros(self.embedder.dim, np.float32)
+        with self._lock:
+            assert self.dense is not None
+            allowed = {i for i, e in self._entries.items() if e.category == category} if category else None
+            return rank(
+                query,
+                vector,
+                dense=self.dense,
+                lexical=self.lexical,
+                entries=self._entries,
+                settings=self.settings,
+                k=k or self.settings.top_k,
+                allowed=allowed,
+                mode=mode,
+            )
+
+    def stats(self) -> dict[str, object]:
+        size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        return {
+            "entries": self.store.count(),
+            "enabled": len(self._entries),
+            "phrasings": sum(len(e.questions) for e in self._entries.values()),
+            "vectors": len(self.dense) if self.dense else 0,
+            "categories": self.store.categories(),
+            "revision": self.store.revision,
+            "embedding_model": self.embedder.name,
+            "disk_bytes": size,
+        }
+
+    # -- writing --------------------------------------------------------------------------------
+    def upsert(self, entries: Sequence[FAQEntry], *, source: str | None = None) -> UpsertReport:
+        with self._lock:
+            report = self.store.upsert(entries, source=source)
+            if report.added or report.updated:
+                self._refresh(report.added + report.updated)
+            return report
+
+    def _finish(self, report: AddReport, upserted: UpsertReport) -> AddReport:
+        report.added += len(upserted.added)
+        report.updated += len(upserted.updated)
+        report.unchanged += len(upserted.unchanged)
+        report.added_ids += upserted.added
+        report.updated_ids += upserted.updated
+        report.total = self.store.count()
+        return report
+
+    def add_files(self, paths: Sequence[Path], *, skip_bad_rows: bool = False) -> AddReport:
+        """Validate every file first; store nothing unless all of them are acceptable."""
+        report = AddReport(files=[str(p) for p in paths])
+        problems: list[Problem] = []
+        loaded: list[FAQEntry] = []
+        seen: dict[str, str] = {}
+        for path in paths:
+            try:
+                result = load_faq_file(Path(path), self.settings, skip_bad_rows=skip_bad_rows)
+            except IngestError as exc:
+                problems += exc.problems
+                continue
+            report.skipped += result.skipped
+            for entry in result.entries:
+                if entry.id in seen and seen[entry.id] != str(path):
+                    problems.append(
+                        Problem(
+                            f"{Path(path).name}",
+                            f"entry id {entry.id!r} also appears in {Path(seen[entry.id]).name}",
+                            "give each entry one id across the files of an upload",
+                        )
+                    )
+                seen[entry.id] = str(path)
+            loaded += result.entries
+        if problems:
+            raise IngestError(problems)
+        return self._finish(report, self.upsert(loaded))
+
+    def add_bytes(self, data: bytes, filename: str, *, skip_bad_rows: bool = False) -> AddReport:
+        """An uploaded file (web console, API): validated as a whole, stored all-or-nothing."""
+        result = load_faq_bytes(data, filename, self.settings, skip_bad_rows=skip_bad_rows)
+        report = AddReport(files=[filename], skipped=list(result.skipped))
+        return self._finish(report, self.upsert(result.entries))
+
+    def delete(self, entry_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            removed = self.store.delete(entry_ids)
+            if removed:
+                self._refresh([], removed)
+            return removed
+
+    def update(self, entry_id: str, **changes: object) -> FAQEntry:
+        """Edit one entry (question, answer, alt_questions, category, tags, enabled) and re-index it alone."""
+        allowed = {"question", "answer", "alt_questions", "category", "tags", "enabled"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise NotFoundError(f"cannot edit {sorted(unknown)}", fix=f"editable fields: {sorted(allowed)}")
+        with self._lock:
+            entry = self.store.get(entry_id)
+            clean: dict[str, object] = {}
+            for key, value in changes.items():
+                if key in ("question", "answer") and isinstance(value, str):
+                    value = normalize_text(value)
+                    limit = self.settings.max_question_chars if key == "question" else self.settings.max_answer_chars
+                    if not value or len(value) > limit:
+                        raise IngestError(
+                            [
+                                Problem(
+                                    f"entry {entry_id}",
+                                    f"{key} is empty or over {limit} characters",
+                                    f"give a {key} of 1-{limit} characters",
+                                )
+                            ]
+                        )
+                if key in ("alt_questions", "tags") and value is not None:
+                    value = tuple(normalize_text(str(v)) for v in value if str(v).strip())  # type: ignore[attr-defined]
+                clean[key] = value
+            updated = entry.with_changes(**clean)
+            self.upsert([updated], source=entry.source)
+            return self.store.get(entry_id)
+
+    def add_phrasing(self, entry_id: str, question: str) -> FAQEntry:
+        """Make a customer's wording another searchable phrasing of an entry (fixes a retrieval miss)."""
+        entry = self.store.get(entry_id)
+        question = normalize_text(question)
+        if question.casefold() in {q.casefold() for q in entry.questions}:
+            return entry
+        return self.update(entry_id, alt_questions=(*entry.alt_questions, question))
+
+    def export(self, path: Path) -> int:
+        entries = self.store.all()
+        export_entries(entries, path)
+        return len(entries)
+
+    def record_hits(self, entry_ids: Sequence[str]) -> None:
+        self.store.record_hits(entry_ids)
+
+    def close(self) -> None:
+        self.store.close()

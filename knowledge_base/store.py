@@ -1,0 +1,256 @@
+"""SQLite, the source of truth of the knowledge base: entries, the embedding cache, a revision.
+
+The FAISS and BM25 indexes are derived from this database. Every write bumps ``revision`` inside
+the same transaction, and each index on disk records the revision it was built from, so a crash
+between the database commit and an index write is noticed at the next load (and the index rebuilt
+from here, without re-embedding: vectors are cached by content hash).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from knowledge_base.entry import FAQEntry
+from knowledge_base.errors import NotFoundError
+
+__all__ = ["EntryStore", "UpsertReport"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    question TEXT NOT NULL,
+    alt_questions TEXT NOT NULL DEFAULT '[]',
+    answer TEXT NOT NULL,
+    category TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    enabled INTEGER NOT NULL DEFAULT 1,
+    source TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_category ON entries(category);
+CREATE TABLE IF NOT EXISTS embedding_cache (
+    model TEXT NOT NULL,
+    text_hash TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model, text_hash)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', '0');
+"""
+SCHEMA_VERSION = 1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class UpsertReport:
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+
+    def counts(self) -> dict[str, int]:
+        return {"added": len(self.added), "updated": len(self.updated), "unchanged": len(self.unchanged)}
+
+
+class EntryStore:
+    """Entries and cached vectors in one SQLite file (WAL; safe to use from many threads)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # -- revision -------------------------------------------------------------------------------
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+
+    # -- entries --------------------------------------------------------------------------------
+    @staticmethod
+    def _row_to_entry(row: sqlite3.Row | tuple) -> FAQEntry:
+        (id_, question, alts, answer, category, tags, enabled, source, created, updated, _hash, hits) = row
+        return FAQEntry(
+            id=id_,
+            question=question,
+            alt_questions=tuple(json.loads(alts)),
+            answer=answer,
+            category=category,
+            tags=tuple(json.loads(tags)),
+            enabled=bool(enabled),
+            source=source,
+            created_at=created,
+            updated_at=updated,
+            hits=hits,
+        )
+
+    _COLUMNS = "id, question, alt_questions, answer, category, tags, enabled, source, created_at, updated_at, content_hash, hits"
+
+    def get(self, entry_id: str) -> FAQEntry:
+        found = self.get_many([entry_id])
+        if not found:
+            raise NotFoundError(f"no FAQ entry with id {entry_id!r}", fix="list the ids with `supportbot kb list`")
+        return found[0]
+
+    def get_many(self, entry_ids: Sequence[str]) -> list[FAQEntry]:
+        """Entries in the order of ``entry_ids`` (missing ids are left out)."""
+        if not entry_ids:
+            return []
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM entries WHERE id IN ({','.join('?' * len(entry_ids))})",
+                list(entry_ids),
+            ).fetchall()
+        by_id = {row[0]: self._row_to_entry(row) for row in rows}
+        return [by_id[i] for i in entry_ids if i in by_id]
+
+    def all(self, *, enabled_only: bool = False, category: str | None = None) -> list[FAQEntry]:
+        sql = f"SELECT {self._COLUMNS} FROM entries"
+        where, params = [], []
+        if enabled_only:
+            where.append("enabled = 1")
+        if category:
+            where.append("category = ?")
+            params.append(category)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY id", params).fetchall()
+        return [self._row_to_entry(r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def categories(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT category, COUNT(*) FROM entries GROUP BY category ORDER BY category")
+            return {c: n for c, n in rows.fetchall()}
+
+    def upsert(self, entries: Iterable[FAQEntry], *, source: str | None = None) -> UpsertReport:
+        """Insert new entries, update changed ones in place, leave identical ones alone (one transaction)."""
+        added, updated, unchanged = [], [], []
+        now = _now()
+        with self.transaction() as conn:
+            for entry in entries:
+                row = conn.execute("SELECT content_hash, created_at FROM entries WHERE id = ?", (entry.id,)).fetchone()
+                digest = entry.content_hash
+                if row and row[0] == digest:
+                    unchanged.append(entry.id)
+                    continue
+                values = (
+                    entry.question,
+                    json.dumps(list(entry.alt_questions), ensure_ascii=False),
+                    entry.answer,
+                    entry.category,
+                    json.dumps(list(entry.tags), ensure_ascii=False),
+                    int(entry.enabled),
+                    source if source is not None else entry.source,
+                    now,
+                    digest,
+                )
+                if row:
+                    conn.execute(
+                        "UPDATE entries SET question=?, alt_questions=?, answer=?, category=?, tags=?, enabled=?, "
+                        "source=?, updated_at=?, content_hash=? WHERE id=?",
+                        (*values, entry.id),
+                    )
+                    updated.append(entry.id)
+                else:
+                    conn.execute(
+                        "INSERT INTO entries (question, alt_questions, answer, category, tags, enabled, source, "
+                        "updated_at, content_hash, id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (*values, entry.id, entry.created_at or now),
+                    )
+                    added.append(entry.id)
+            if added or updated:
+                self._bump(conn)
+        return UpsertReport(added, updated, unchanged)
+
+    def delete(self, entry_ids: Sequence[str]) -> list[str]:
+        """Delete entries; returns the ids that existed."""
+        existing = [e.id for e in self.get_many(entry_ids)]
+        if existing:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in existing])
+                self._bump(conn)
+        return existing
+
+    def record_hits(self, entry_ids: Sequence[str]) -> None:
+        """Count how often entries are served (shown in the console); not a content change."""
+        if entry_ids:
+            with self._lock:
+                self._conn.executemany("UPDATE entries SET hits = hits + 1 WHERE id = ?", [(i,) for i in entry_ids])
+
+    # -- embedding cache ------------------------------------------------------------------------
+    def cached_vectors(self, model: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            for start in range(0, len(hashes), 500):
+                chunk = list(hashes[start : start + 500])
+                rows = self._conn.execute(
+                    f"SELECT text_hash, vector FROM embedding_cache WHERE model = ? AND text_hash IN "
+                    f"({','.join('?' * len(chunk))})",
+                    [model, *chunk],
+                ).fetchall()
+                out.update({h: np.frombuffer(v, dtype=np.float32) for h, v in rows})
+        return out
+
+    def cache_vectors(self, model: str, vectors: dict[str, np.ndarray]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO embedding_cache(model, text_hash, vector) VALUES (?,?,?)",
+                [(model, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()],
+            )
+
+    def prune_cache(self, model: str, keep: set[str]) -> int:
+        """Drop cached vectors no entry uses any more (after deletes and edits)."""
+        with self._lock:
+            hashes = [r[0] for r in self._conn.execute("SELECT text_hash FROM embedding_cache WHERE model=?", (model,))]
+        stale = [h for h in hashes if h not in keep]
+        if stale:
+            with self.transaction() as conn:
+                conn.executemany(
+                    "DELETE FROM embedding_cache WHERE model=? AND text_hash=?", [(model, h) for h in stale]
+                )
+        return len(stale)

@@ -1,0 +1,245 @@
+"""The knowledge base: storage, incremental indexes, rebuilds, retrieval (with a fake embedder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowledge_base.entry import FAQEntry
+from knowledge_base.errors import IngestError, NotFoundError
+from knowledge_base.index import DenseIndex, LexicalIndex
+from knowledge_base.kb import KnowledgeBase
+from knowledge_base.lc_retriever import FAQRetriever
+from knowledge_base.settings import KBSettings
+
+FAQ_CSV = """id,category,question,alt_questions,answer
+ship-1,shipping,How long does shipping take?,When will my order arrive?,Standard shipping takes 3-7 business days.
+ship-2,shipping,How much does express shipping cost?,,Express shipping costs $14.95 and takes 1-2 days.
+ret-1,returns,How do I return an item?,Can I send something back?,Start a return from Account > Orders within 30 days.
+pay-1,payments,Which payment methods do you accept?,,We accept Visa, Mastercard, PayPal and gift cards.
+"""
+
+
+@pytest.fixture
+def faq_file(tmp_path: Path) -> Path:
+    path = tmp_path / "faq.csv"
+    path.write_text(FAQ_CSV, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def kb(tmp_path: Path, embedder) -> KnowledgeBase:
+    return KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
+
+
+def _ranking(kb: KnowledgeBase, query: str) -> list[tuple[str, float]]:
+    return [(h.entry.id, round(h.score, 5)) for h in kb.search(query, 10)]
+
+
+def test_upload_adds_entries_and_every_phrasing_is_searchable(kb, faq_file):
+    report = kb.add_files([faq_file])
+    assert (report.added, report.updated, report.unchanged, report.total) == (4, 0, 0, 4)
+    assert kb.search("When will my order arrive?", 1)[0].entry.id == "ship-1"
+    hit = kb.search("can i send something back", 1)[0]
+    assert hit.entry.id == "ret-1"
+    assert hit.matched == "Can I send something back?"
+
+
+def test_uploading_the_same_file_twice_changes_nothing(kb, faq_file, embedder):
+    kb.add_files([faq_file])
+    embedded = embedder.texts_embedded
+    revision = kb.revision
+    report = kb.add_files([faq_file])
+    assert report.to_dict() == {"added": 0, "updated": 0, "unchanged": 4, "total": 4}
+    assert embedder.texts_embedded == embedded
+    assert kb.revision == revision
+
+
+def test_entries_without_id_get_a_content_id_and_reupload_is_idempotent(kb, tmp_path):
+    path = tmp_path / "noid.csv"
+    path.write_text("question,answer\nDo you ship abroad?,Yes to Canada and the EU.\n", encoding="utf-8")
+    assert kb.add_files([path]).added == 1
+    assert kb.add_files([path]).to_dict() == {"added": 0, "updated": 0, "unchanged": 1, "total": 1}
+    assert kb.entries()[0].id.startswith("faq-")
+
+
+def test_same_id_reuploaded_updates_in_place_and_embeds_only_the_change(kb, faq_file, tmp_path, embedder):
+    kb.add_files([faq_file])
+    before = embedder.texts_embedded
+    changed = tmp_path / "changed.csv"
+    changed.write_text(FAQ_CSV.replace("$14.95", "$15.95"), encoding="utf-8")
+    report = kb.add_files([changed])
+    assert (report.added, report.updated, report.unchanged) == (0, 1, 3)
+    # only ship-2's whole-entry text changed; its question vector comes from the cache
+    assert embedder.texts_embedded - before == 1
+    assert "$15.95" in kb.get("ship-2").answer
+
+
+def test_a_bad_file_stores_nothing(kb, faq_file, tmp_path):
+    kb.add_files([faq_file])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,question,answer\nx-1,New question?,\nx-2,,Some answer\n", encoding="utf-8")
+    with pytest.raises(IngestError) as err:
+        kb.add_files([faq_file, bad])
+    assert len(err.value.problems) == 2
+    assert all("bad.csv" in p.where for p in err.value.problems)
+    assert len(kb) == 4
+
+
+def test_skip_bad_rows_stores_the_good_ones_and_reports_the_rest(kb, tmp_path):
+    bad = tmp_path / "mixed.csv"
+    bad.write_text("id,question,answer\nx-1,Good question?,Good answer.\nx-2,,Some answer\n", encoding="utf-8")
+    report = kb.add_files([bad], skip_bad_rows=True)
+    assert report.added == 1
+    assert [p.where for p in report.skipped] == ["mixed.csv:3"]
+
+
+def test_incremental_updates_rank_exactly_like_a_full_rebuild(kb, faq_file, tmp_path, embedder):
+    kb.add_files([faq_file])
+    kb.update("ship-1", answer="Standard shipping takes 2-5 business days.", alt_questions=["Where is my parcel?"])
+    kb.add_phrasing("pay-1", "can I pay with apple pay")
+    kb.update("ret-1", enabled=False)
+    kb.delete(["ship-2"])
+    queries = ["where is my parcel", "apple pay", "return item", "express shipping price", "shipping time"]
+    incremental = [_ranking(kb, q) for q in queries]
+    fresh = KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
+    fresh.reindex()
+    assert [_ranking(fresh, q) for q in queries] == incremental
+    assert all(entry_id != "ret-1" for ranking in incremental for entry_id, _ in ranking)
+
+
+def test_indexes_out_of_step_with_sqlite_are_rebuilt_at_open(kb, faq_file, tmp_path, embedder):
+    kb.add_files([faq_file])
+    expected = _ranking(kb, "how long is delivery")
+    # A crash after the SQLite commit but before the index files were replaced: stale indexes.
+    stale = (tmp_path / "kb" / KnowledgeBase.DENSE_FILE).read_bytes()
+    kb.update("ship-1", answer="Standard shipping takes 2-5 business days.")
+    (tmp_path / "kb" / KnowledgeBase.DENSE_FILE).write_bytes(stale)
+    reopened = KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
+    assert reopened.search("how long is delivery", 1)[0].entry.answer.startswith("Standard shipping takes 2-5")
+    assert [e for e, _ in _ranking(reopened, "how long is delivery")] == [e for e, _ in expected]
+
+
+def test_a_damaged_index_file_is_rebuilt_not_trusted(kb, faq_file, tmp_path, embedder):
+    kb.add_files([faq_file])
+    (tmp_path / "kb" / KnowledgeBase.DENSE_FILE).write_bytes(b"garbage")
+    (tmp_path / "kb" / KnowledgeBase.LEXICAL_FILE).write_text("{not json", encoding="utf-8")
+    reopened = KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
+    assert reopened.search("return an item", 1)[0].entry.id == "ret-1"
+
+
+def test_a_killed_reindex_leaves_a_loadable_knowledge_base(kb, faq_file, tmp_path, embedder, monkeypatch):
+    kb.add_files([faq_file])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed in the middle of writing the new index
+
+    monkeypatch.setattr(LexicalIndex, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        kb.reindex()
+    monkeypatch.undo()
+    assert not [p for p in (tmp_path / "kb").iterdir() if p.name.endswith(".tmp")]
+    reopened = KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
+    assert reopened.search("return an item", 1)[0].entry.id == "ret-1"
+
+
+def test_scores_are_in_unit_range_and_best_first(kb, faq_file):
+    kb.add_files([faq_file])
+    hits = kb.search("how long does shipping take", 4)
+    assert hits[0].entry.id == "ship-1"
+    assert all(0.0 <= h.score <= 1.0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_category_filter(kb, faq_file):
+    kb.add_files([faq_file])
+    hits = kb.search("shipping", 5, category="returns")
+    assert [h.entry.id for h in hits] == ["ret-1"]
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_each_ranking_mode_finds_an_exact_question(kb, faq_file, mode):
+    kb.add_files([faq_file])
+    assert kb.search("Which payment methods do you accept?", 3, mode=mode)[0].entry.id == "pay-1"
+
+
+def test_hybrid_lets_a_shared_rare_word_break_a_dense_near_tie(tmp_path, embedder):
+    settings = KBSettings(bm25_weight=0.5)
+    kb = KnowledgeBase(tmp_path / "kb", settings, embedder)
+    kb.upsert(
+        [
+            FAQEntry("a", "How do I reset my password?", "Use the reset link."),
+            FAQEntry("b", "How do I reset my router?", "Unplug it."),
+        ]
+    )
+    assert kb.search("router", 1)[0].entry.id == "b"
+
+
+def test_lexical_scores_are_normalized_by_what_the_query_could_reach():
+    index = LexicalIndex()
+    index.add("a", "express shipping cost")
+    index.add("b", "gift card balance")
+    scores = index.scores("express shipping cost")
+    assert 0.5 < scores["a"] <= 1.0
+    assert "b" not in scores
+    assert index.scores("express xylophone")["a"] < scores["a"]
+
+
+def test_dense_index_round_trips_through_disk(tmp_path):
+    from knowledge_base.index import VectorKey
+
+    index = DenseIndex(4)
+    vectors = np.eye(4, dtype=np.float32)
+    index.add([VectorKey(f"e{i}", "q", f"h{i}") for i in range(4)], vectors)
+    index.remove_entries(["e1"])
+    index.save(tmp_path / "d.npz", revision=7, model="m")
+    loaded, revision, model = DenseIndex.load(tmp_path / "d.npz")
+    assert (revision, model, len(loaded)) == (7, "m", 3)
+    assert loaded.search(vectors[2], 1)[0][1] == pytest.approx(1.0)
+    assert loaded.keys[loaded.search(vectors[2], 1)[0][0]].entry_id == "e2"
+
+
+def test_editing_unknown_entry_names_the_fix(kb):
+    with pytest.raises(NotFoundError) as err:
+        kb.update("nope", answer="x")
+    assert "kb list" in err.value.fix
+
+
+def test_empty_knowledge_base_returns_nothing(kb):
+    assert kb.search("anything") == []
+    assert kb.search("   ") == []
+
+
+def test_langchain_retriever_returns_documents(kb, faq_file):
+    kb.add_files([faq_file])
+    docs = FAQRetriever(kb=kb, k=2).invoke("how do I return an item")
+    assert docs[0].metadata["id"] == "ret-1"
+    assert docs[0].page_content.startswith("Q: How do I return an item?")
+    assert FAQRetriever(kb=kb, k=2, min_score=0.999).invoke("zzz qqq") == []
+
+
+def test_stats_and_export(kb, faq_file, tmp_path):
+    kb.add_files([faq_file])
+    stats = kb.stats()
+    assert stats["entries"] == 4
+    assert stats["categories"] == {"payments": 1, "returns": 1, "shipping": 2}
+    assert kb.export(tmp_path / "out.jsonl") == 4
+    assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_real_minilm_ranks_a_paraphrase_first(tmp_path):
+    from knowledge_base.embeddings import SentenceTransformerEmbedder
+
+    kb = KnowledgeBase(tmp_path / "kb", KBSettings(), SentenceTransformerEmbedder())
+    kb.upsert(
+        [
+            FAQEntry("ship", "How long does delivery take?", "Standard delivery takes 3-7 business days."),
+            FAQEntry("pay", "Which payment methods do you accept?", "Visa, Mastercard and PayPal."),
+        ]
+    )
+    hits = kb.search("when will my parcel get here", 2)
+    assert hits[0].entry.id == "ship"
+    assert hits[0].score > hits[1].score + 0.1
