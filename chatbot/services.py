@@ -14,9 +14,11 @@ from knowledge_base.embeddings import Embedder, make_embedder
 from knowledge_base.kb import KnowledgeBase
 
 if TYPE_CHECKING:
+    from chatbot.engine import ChatEngine
+    from chatbot.generation import Generator
     from chatbot.store import ConversationStore
 
-__all__ = ["DEMO_DIR", "demo_file", "open_conversation_store", "open_knowledge_base"]
+__all__ = ["DEMO_DIR", "build_engine", "demo_file", "open_conversation_store", "open_knowledge_base"]
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "knowledge_base" / "demo"
 
@@ -41,3 +43,23 @@ def open_conversation_store(settings: Settings) -> ConversationStore:
     from chatbot.store import ConversationStore
 
     return ConversationStore(settings.data_dir / "conversations.sqlite3", redact_pii=settings.policy.redact_pii)
+
+
+def build_engine(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    generator: Generator | None = None,
+    kb: KnowledgeBase | None = None,
+) -> ChatEngine:
+    """The chat engine with its knowledge base, conversation store and (lazily loaded) generator."""
+    from chatbot.engine import ChatEngine
+    from chatbot.generation import make_generator
+
+    return ChatEngine(
+        settings,
+        kb or open_knowledge_base(settings, embedder=embedder),
+        open_conversation_store(settings),
+        generator=generator,
+        generator_factory=lambda: make_generator(settings.model, settings.data_dir),
+    )

@@ -1,0 +1,290 @@
+"""The chat engine: one customer message in, one answer out (or a stream of it).
+
+Flow: follow-up resolution -> retrieve -> policy -> answer -> store. The engine imports no web
+framework; the CLI, the Gradio pages and the HTTP API all call :meth:`ChatEngine.answer` or
+:meth:`ChatEngine.answer_stream`.
+
+Concurrency: one engine (and one model) serves every thread. ``faq``, ``clarify`` and ``handoff``
+answers never touch the generator, so they never wait behind a generation; generations take one
+of ``server.generation_concurrency`` slots and queue for the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chatbot.followup import resolve_followup
+from chatbot.generation import Generator
+from chatbot.grounding import grounding_score, is_refusal, leaks
+from chatbot.policy import Decision, decide
+from chatbot.prompts import build_messages, load_prompt
+from chatbot.settings import SECRET_FIELDS, Settings
+from chatbot.store import ConversationStore
+from knowledge_base.entry import normalize_text
+from knowledge_base.errors import SupportBotError
+from knowledge_base.kb import KnowledgeBase
+from knowledge_base.retriever import SearchHit
+
+__all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
+
+MAX_MESSAGE_CHARS = 4000
+
+
+@dataclass
+class Answer:
+    text: str
+    mode: str
+    sources: list[str]
+    scores: list[float]
+    latency_ms: float
+    conversation_id: str
+    message_id: int
+    options: list[dict[str, str]] = field(default_factory=list)
+    citations: list[dict[str, Any]] = field(default_factory=list)
+    question: str = ""
+    model: str | None = None
+    adapter: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI ``chat`` JSON (DESIGN.md) plus ids, options and citations."""
+        out = asdict(self)
+        out["latency_ms"] = round(self.latency_ms, 1)
+        out["scores"] = [round(s, 4) for s in self.scores]
+        return out
+
+
+@dataclass
+class StreamEvent:
+    kind: str  # "delta": a chunk of text; "done": the final answer (its text is authoritative)
+    text: str = ""
+    answer: Answer | None = None
+
+
+def _citation(hit: SearchHit) -> dict[str, Any]:
+    return {
+        "id": hit.entry.id,
+        "question": hit.entry.question,
+        "answer": hit.entry.answer,
+        "score": round(hit.score, 4),
+    }
+
+
+class ChatEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        kb: KnowledgeBase,
+        store: ConversationStore,
+        *,
+        generator: Generator | None = None,
+        generator_factory: Callable[[], Generator] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.kb = kb
+        self.store = store
+        self._generator = generator
+        self._generator_factory = generator_factory
+        self._generator_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.server.generation_concurrency)
+        self._adapter_version: str | None = None
+        self._system_prompt = load_prompt("system")
+        self._secrets = [
+            str(getattr(getattr(settings, section), name))
+            for section in ("model", "server")
+            for name in SECRET_FIELDS
+            if getattr(getattr(settings, section), name, "")
+        ]
+
+    # -- the generator, loaded on first use --------------------------------------------------------
+    @property
+    def generator(self) -> Generator:
+        with self._generator_lock:
+            if self._generator is None:
+                if self._generator_factory is None:
+                    raise SupportBotError("no generator configured", fix="pass generator= or generator_factory=")
+                self._generator = self._generator_factory()
+            self._sync_adapter(self._generator)
+            return self._generator
+
+    def _sync_adapter(self, generator: Generator) -> None:
+        """Pick up the adapter activated in the console or CLI, without a restart."""
+        if self.settings.model.backend != "local":
+            return
+        from chatbot.adapters import AdapterRegistry
+
+        active = AdapterRegistry(self.settings.data_dir).active()
+        version = active.version if active else None
+        if version != self._adapter_version:
+            generator.set_adapter(active.path if active else None, version)
+            self._adapter_version = version
+
+    # -- answering ---------------------------------------------------------------------------------
+    def answer(self, message: str, conversation_id: str | None = None, *, client: str = "") -> Answer:
+        final = None
+        for event in self.answer_stream(message, conversation_id, client=client):
+            if event.kind == "done":
+                final = event.answer
+        assert final is not None
+        return final
+
+    def retrieve(self, question: str) -> list[SearchHit]:
+        return self.kb.search(question, max(self.settings.kb.top_k, self.settings.policy.max_clarify_options))
+
+    def decide(self, question: str) -> tuple[list[SearchHit], Decision]:
+        hits = self.retrieve(question)
+        return hits, decide(question, hits, self.settings.policy)
+
+    def _previous_questions(self, conversation_id: str) -> list[str]:
+        history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns)
+        return [m.question or "" for m in history if m.role == "assistant" and m.question]
+
+    def answer_stream(
+        self, message: str, conversation_id: str | None = None, *, client: str = ""
+    ) -> Iterator[StreamEvent]:
+        start = time.perf_counter()
+        message = normalize_text(message or "")
+        if not message:
+            raise SupportBotError("the message is empty", fix="type a question")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise SupportBotError(
+                f"the message has {len(message)} characters, more than {MAX_MESSAGE_CHARS}",
+                fix="shorten it to the question itself",
+            )
+        if conversation_id is None or not self.store.conversation_exists(conversation_id):
+            conversation_id = self.store.create_conversation(client=client)
+        previous = self._previous_questions(conversation_id)
+        self.store.add_message(conversation_id, "user", message)
+
+        def top_score(text: str) -> float:
+            hits = self.kb.search(text, 1)
+            return hits[0].score if hits else 0.0
+
+        question = resolve_followup(message, previous, top_score)
+        hits, decision = self.decide(question)
+        if not len(self.kb):
+            decision = Decision("handoff", [], "the knowledge base is empty")
+
+        text, mode, used = "", decision.mode, decision.hits
+        model = adapter = None
+        if mode == "generated":
+            chunks: list[str] = []
+            try:
+                for chunk in self._generate(question, used, conversation_id):
+                    chunks.append(chunk)
+                    yield StreamEvent("delta", chunk)
+            except SupportBotError as exc:
+                decision = Decision(decision.mode, used, f"generation failed: {exc.message}")
+                chunks = []
+            text = "".join(chunks).strip()
+            model, adapter = self._generator.name if self._generator else None, self._adapter_version
+            text, mode, used, reason = self._check_generated(text, question, used, hits, decision)
+            decision = Decision(mode, used, reason)
+        if mode == "faq":
+            text = used[0].entry.answer
+        elif mode == "clarify":
+            text = "Did you mean one of these?\n" + "\n".join(f"- {h.entry.question}" for h in used)
+        elif mode == "handoff":
+            text = self.settings.policy.handoff_message
+        latency = (time.perf_counter() - start) * 1000
+        message_id = self.store.add_message(
+            conversation_id,
+            "assistant",
+            text,
+            mode=mode,
+            sources=[h.entry.id for h in used],
+            scores=[h.score for h in used],
+            latency_ms=latency,
+            model=model,
+            adapter=adapter,
+            question=question,
+        )
+        if mode == "handoff":
+            self.store.add_unanswered(
+                question,
+                conversation_id=conversation_id,
+                message_id=message_id,
+                top_score=hits[0].score if hits else None,
+                reason="handoff",
+            )
+        elif mode in ("faq", "generated"):
+            self.kb.record_hits([used[0].entry.id])
+        answer = Answer(
+            text=text,
+            mode=mode,
+            sources=[h.entry.id for h in used],
+            scores=[round(h.score, 4) for h in used],
+            latency_ms=latency,
+            conversation_id=conversation_id,
+            message_id=message_id,
+            options=[{"id": h.entry.id, "question": h.entry.question} for h in used] if mode == "clarify" else [],
+            citations=[_citation(h) for h in used] if mode in ("faq", "generated") else [],
+            question=question,
+            model=model,
+            adapter=adapter,
+            reason=decision.reason,
+        )
+        if mode != "generated":
+            yield StreamEvent("delta", text)
+        yield StreamEvent("done", answer.text, answer)
+
+    def _generate(self, question: str, hits: list[SearchHit], conversation_id: str) -> Iterator[str]:
+        history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns + 1)[:-1]
+        turns = [(m.role, m.text) for m in history if m.mode in (None, "faq", "generated")]
+        messages = build_messages(question, [h.entry for h in hits], turns, system=self._system_prompt)
+        with self._slots:
+            generator = self.generator
+            yield from generator.stream(messages)
+
+    def _check_generated(
+        self, text: str, question: str, used: list[SearchHit], hits: list[SearchHit], decision: Decision
+    ) -> tuple[str, str, list[SearchHit], str]:
+        """Keep a generated answer only if it is grounded and leaks nothing; else fall back."""
+        policy = self.settings.policy
+        leaked = leaks(text, system_prompt=self._system_prompt, secrets=self._secrets)
+        grounded = grounding_score(text, [f"{h.entry.question} {h.entry.answer}" for h in used], question)
+        if text and not leaked and not is_refusal(text) and grounded >= policy.grounding_threshold:
+            return text, "generated", used, f"{decision.reason}; grounding {grounded:.2f}"
+        why = f"leaks the {leaked}" if leaked else "refused" if is_refusal(text) else f"grounding {grounded:.2f}"
+        top = hits[0] if hits else None
+        middle = (policy.relevance_threshold + policy.faq_threshold) / 2
+        if top is not None and top.score >= middle and not leaked:
+            return top.entry.answer, "faq", [top], f"generated answer rejected ({why}): best entry instead"
+        return "", "handoff", [], f"generated answer rejected ({why})"
+
+    # -- the rest of the customer's loop ----------------------------------------------------------
+    def feedback(self, message_id: int, rating: str, comment: str = "") -> None:
+        if rating not in ("up", "down"):
+            raise SupportBotError(f"rating {rating!r} is not 'up' or 'down'", fix="send 'up' or 'down'")
+        self.store.add_feedback(message_id, rating, comment)
+        if rating == "down":
+            message = self.store.get_message(message_id)
+            self.store.add_unanswered(
+                message.question or message.text,
+                conversation_id=message.conversation_id,
+                message_id=message_id,
+                top_score=message.scores[0] if message.scores else None,
+                reason="thumbs_down",
+            )
+
+    def suggested_questions(self, n: int = 4) -> list[str]:
+        """The most asked entries' questions (the first entries while nothing has been asked)."""
+        entries = self.kb.entries(enabled_only=True)
+        entries.sort(key=lambda e: (-e.hits, e.id))
+        return [e.question for e in entries[:n]]
+
+    def draft_answer(self, question: str) -> str:
+        """An answer for a new entry, drafted from related entries for an operator to edit."""
+        hits = [h for h in self.retrieve(question) if h.score >= self.settings.policy.relevance_threshold]
+        if not hits:
+            return ""
+        try:
+            with self._slots:
+                draft = self.generator.generate(build_messages(question, [h.entry for h in hits[:3]]))
+        except SupportBotError:
+            draft = ""
+        return draft.strip() if draft.strip() and not is_refusal(draft) else hits[0].entry.answer
