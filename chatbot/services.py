@@ -42,7 +42,13 @@ def open_knowledge_base(
 def open_conversation_store(settings: Settings) -> ConversationStore:
     from chatbot.store import ConversationStore
 
-    return ConversationStore(settings.data_dir / "conversations.sqlite3", redact_pii=settings.policy.redact_pii)
+    import re
+
+    # The business's own contacts (in the hand-off message) are not personal data: keep them readable.
+    own_contacts = re.findall(r"[\w.+-]+@[\w.-]+|\+?\d[\d ().-]{5,}\d", settings.policy.handoff_message)
+    return ConversationStore(
+        settings.data_dir / "conversations.sqlite3", redact_pii=settings.policy.redact_pii, redact_keep=own_contacts
+    )
 
 
 def build_engine(
