@@ -63,7 +63,7 @@ def test_every_problem_is_reported_at_once_with_key_and_fix(tmp_path):
 def test_a_broken_toml_file_names_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[policy\nfaq_threshold = ", encoding="utf-8")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_settings(env={}, config_file=bad)
 
 
