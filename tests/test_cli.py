@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_engine import ScriptedGenerator
 
 from chatbot import cli, generation, services
 from chatbot.services import demo_file
-from tests.test_engine import ScriptedGenerator
 
 
 @pytest.fixture
