@@ -40,9 +40,9 @@ def open_knowledge_base(
 
 
 def open_conversation_store(settings: Settings) -> ConversationStore:
-    from chatbot.store import ConversationStore
-
     import re
+
+    from chatbot.store import ConversationStore
 
     # The business's own contacts (in the hand-off message) are not personal data: keep them readable.
     own_contacts = re.findall(r"[\w.+-]+@[\w.-]+|\+?\d[\d ().-]{5,}\d", settings.policy.handoff_message)
