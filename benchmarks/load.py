@@ -316,7 +316,7 @@ def summarize(results: list[Result], unfinished: int, wall_s: float, duration: f
         "requests_per_s": round(len(ok) / duration, 2),
         "wall_s": round(wall_s, 1),
         "errors": len(errors),
-        "error_samples": [f"{e.status} {e.error}" for e in errors[:5]],
+        "error_samples": [f"{e.kind} question: {e.status} {e.error}" for e in errors[:5]],
         "error_statuses": dict(Counter(e.status for e in errors)),
         "unfinished_at_deadline": unfinished,
         "by_kind": by_kind,

@@ -7,8 +7,9 @@ and the shipped (hybrid) ranking, each also as a ratio to BM25 measured in the s
 searchable; ``--scale`` adds 100,000 entries in a subprocess (ingestion, disk size, peak RSS,
 query p95). The issue's targets are printed with PASS/MISS.
 
-    python -m benchmarks.retrieval                  # dev sets + 10k (about 10 minutes on 2 cores)
+    python -m benchmarks.retrieval                  # dev sets + 10k: ~6 CPU minutes (longer when shared)
     python -m benchmarks.retrieval --scale --json benchmarks/results/retrieval.json
+    python -m benchmarks.retrieval --scale-only     # only the 100k run (~45 CPU minutes, mostly embedding)
 
 Every KB is built in a temporary folder with the real default embedder (MiniLM), loaded once.
 Latency is measured with ``k=10`` (the metrics need ten results; the bot asks for five, which is

@@ -8,6 +8,7 @@ At open, an index whose revision or embedding model disagrees with SQLite is reb
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -76,6 +77,9 @@ class KnowledgeBase:
         self.store = EntryStore(directory / "kb.sqlite3")
         self._lock = threading.RLock()
         self._entries: dict[str, FAQEntry] = {}
+        self._save_timer: threading.Timer | None = None
+        self._dirty = False
+        atexit.register(self.flush)  # a pending background save is not lost when a CLI process ends
         self.dense: DenseIndex | None = None
         self.lexical = LexicalIndex()
         self._open_indexes()
@@ -171,7 +175,32 @@ class KnowledgeBase:
         self.dense.save(self.directory / self.DENSE_FILE, revision=revision, model=self.embedder.name)
         self.lexical.save(self.directory / self.LEXICAL_FILE, revision=revision)
 
-    def _refresh(self, changed_ids: Iterable[str], removed_ids: Iterable[str] = ()) -> None:
+    def _save_soon(self, delay: float = 0.5) -> None:
+        """Save the indexes in the background, coalescing a burst of single-entry edits.
+
+        An edit is searchable as soon as the in-memory indexes change; rewriting the index files
+        (tens of MB at 10,000 entries) would otherwise dominate an edit's latency. A crash before
+        the save leaves files stamped with an older revision, which the next open rebuilds from the
+        cached vectors (no re-embedding).
+        """
+        with self._lock:
+            if self._save_timer is not None:
+                self._save_timer.cancel()
+            self._save_timer = threading.Timer(delay, self.flush)
+            self._save_timer.daemon = True
+            self._save_timer.start()
+
+    def flush(self) -> None:
+        """Write any pending index changes to disk now."""
+        with self._lock:
+            if self._save_timer is not None:
+                self._save_timer.cancel()
+                self._save_timer = None
+            if self.dense is not None and (self._dirty or not (self.directory / self.DENSE_FILE).exists()):
+                self._save()
+            self._dirty = False
+
+    def _refresh(self, changed_ids: Iterable[str], removed_ids: Iterable[str] = (), *, save_now: bool = True) -> None:
         """Bring the indexes in step with SQLite for these entries only."""
         assert self.dense is not None
         changed = self.store.get_many(list(dict.fromkeys(changed_ids)))
@@ -183,7 +212,11 @@ class KnowledgeBase:
         live = [e for e in changed if e.enabled]
         self._index_entries(live)
         self._entries.update({e.id: e for e in live})
-        self._save()
+        self._dirty = True
+        if save_now:
+            self.flush()
+        else:
+            self._save_soon()
 
     # -- reading --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -237,10 +270,11 @@ class KnowledgeBase:
 
     # -- writing --------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[FAQEntry], *, source: str | None = None) -> UpsertReport:
+        """Insert or update entries; one or two entries save the index files in the background."""
         with self._lock:
             report = self.store.upsert(entries, source=source)
             if report.added or report.updated:
-                self._refresh(report.added + report.updated)
+                self._refresh(report.added + report.updated, save_now=len(entries) > 2)
             return report
 
     def _finish(self, report: AddReport, upserted: UpsertReport) -> AddReport:
@@ -290,7 +324,7 @@ class KnowledgeBase:
         with self._lock:
             removed = self.store.delete(entry_ids)
             if removed:
-                self._refresh([], removed)
+                self._refresh([], removed, save_now=len(removed) > 2)
             return removed
 
     def update(self, entry_id: str, **changes: object) -> FAQEntry:
@@ -340,4 +374,6 @@ class KnowledgeBase:
         self.store.record_hits(entry_ids)
 
     def close(self) -> None:
+        self.flush()
+        atexit.unregister(self.flush)
         self.store.close()

@@ -12,6 +12,7 @@ when it is set (``docs/screenshots`` for the README), else to a temporary folder
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -79,6 +80,8 @@ class SlowEcho(Generator):
 
 def seed_history(path: Path, now: datetime) -> None:
     """Two weeks of conversations: every mode, latencies, feedback, and queued questions."""
+    with demo_file().open(encoding="utf-8", newline="") as fh:
+        answers = {row["id"]: row["answer"] for row in csv.DictReader(fh)}
     plan = [
         ("How do I cancel an order?", "faq", ["orders-002"]),
         ("Where is my parcel?", "faq", ["shipping-003"]),
@@ -106,7 +109,7 @@ def seed_history(path: Path, now: datetime) -> None:
             mid = store.add_message(
                 cid,
                 "assistant",
-                "(seeded answer)",
+                answers[sources[0]] if sources else "I'm not sure about that one, so I've passed it to our team.",
                 mode=mode,
                 sources=sources,
                 scores=[0.8] * len(sources),
@@ -131,6 +134,7 @@ FAKE_RUN = textwrap.dedent(
     """
     import json, math, sys, time
     def emit(**kw): print(json.dumps(kw), flush=True)
+    print("simulated run (browser test fixture): the numbers are illustrative", flush=True)
     for phase in ("data", "loading model", "evaluating the base model", "training"):
         emit(event="phase", phase=phase)
     total = 60

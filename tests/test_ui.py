@@ -644,7 +644,6 @@ def test_insights_plots_and_clusters(engine: ChatEngine, settings: Settings) -> 
     out = fn(page, "refresh_all")(30, 0.5)
     cards, volume, modes, handoff, latency, most_hit = out[:6]
     assert "hand-off rate" in cards and "75%" in cards
-    volume, modes, handoff, latency = volume["value"], modes["value"], handoff["value"], latency["value"]
     assert volume["questions"].sum() == 4 and len(volume) == 30
     assert set(modes["mode"]) == {"faq", "clarify", "generated", "handoff"}
     assert handoff["hand-off %"].iloc[-1] == 75.0 and set(latency["percentile"]) == {"p50", "p95"}

@@ -155,8 +155,8 @@ def clusters_table(clusters: Sequence[Cluster]) -> pd.DataFrame:
 def stats_frames(stats: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Long-format frames for the plots: volume, mode mix, hand-off rate and latency per day.
 
-    Days are short labels ("Nov 23") on a category axis; the plots keep them in date order."""
-    days = [{**d, "date": _day_label(d["date"])} for d in stats.get("per_day", [])]
+    Days are timestamps, so the plots use a time axis (readable ticks however many days)."""
+    days = [{**d, "date": pd.Timestamp(d["date"])} for d in stats.get("per_day", [])]
     volume = pd.DataFrame(
         [{"date": d["date"], "questions": d["questions"]} for d in days], columns=["date", "questions"]
     )
@@ -182,10 +182,6 @@ def stats_frames(stats: dict[str, Any]) -> dict[str, pd.DataFrame]:
         columns=["date", "percentile", "ms"],
     )
     return {"volume": volume, "modes": modes, "handoff": handoff, "latency": latency}
-
-
-def _day_label(iso_day: str) -> str:
-    return dt.date.fromisoformat(iso_day).strftime("%b %d")
 
 
 def _cards(stats: dict[str, Any]) -> str:
@@ -646,7 +642,7 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
     export_file = gr.File(label="Conversations CSV", interactive=False, visible=False, height=90)
     cards = gr.HTML()
     with gr.Row():
-        volume_plot = gr.BarPlot(x="date", y="questions", title="Questions per day", height=240, x_label_angle=-45)
+        volume_plot = gr.BarPlot(x="date", y="questions", title="Questions per day", height=240)
         modes_plot = gr.BarPlot(
             x="date",
             y="answers",
@@ -654,15 +650,10 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
             title="How the bot answered",
             height=240,
             color_map=MODE_COLORS,
-            x_label_angle=-45,
         )
     with gr.Row():
-        handoff_plot = gr.LinePlot(
-            x="date", y="hand-off %", title="Hand-off rate (%)", height=240, y_lim=[0, 100], x_label_angle=-45
-        )
-        latency_plot = gr.LinePlot(
-            x="date", y="ms", color="percentile", title="Answer latency (ms)", height=240, x_label_angle=-45
-        )
+        handoff_plot = gr.LinePlot(x="date", y="hand-off %", title="Hand-off rate (%)", height=240, y_lim=[0, 100])
+        latency_plot = gr.LinePlot(x="date", y="ms", color="percentile", title="Answer latency (ms)", height=240)
     gr.Markdown("### Most-hit entries")
     most_hit = gr.Dataframe(headers=["entry", "question", "answers"], interactive=False, wrap=True, max_height=300)
 
@@ -723,13 +714,12 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
             except SupportBotError:
                 question = "(deleted)"
             rows.append([entry_id, question, n])
-        order = [_day_label(d["date"]) for d in stats["per_day"]]
         return (
             _cards(stats),
-            gr.update(value=frames["volume"], sort=order),
-            gr.update(value=frames["modes"], sort=order),
-            gr.update(value=frames["handoff"], sort=order),
-            gr.update(value=frames["latency"], sort=order),
+            frames["volume"],
+            frames["modes"],
+            frames["handoff"],
+            frames["latency"],
             pd.DataFrame(rows, columns=["entry", "question", "answers"]),
         )
 

@@ -241,6 +241,9 @@ def serve(
         port=port,
         log_level="warning",
         proxy_headers=False,
+        # Longer than uvicorn's 5 s: a client reusing a connection just as the server drops it gets a
+        # connection error instead of an answer (seen under load with a few seconds between questions).
+        timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
     server = _make_server(config, ready)
