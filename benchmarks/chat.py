@@ -522,6 +522,45 @@ def measure_generation(
     return runs
 
 
+def ttft_probe(
+    engine: ChatEngine, generator: LocalGenerator, prompts: Sequence[tuple[dict[str, Any], list[SearchHit]]]
+) -> dict[str, Any]:
+    """Time to first token at a ~300-token prompt: each query with as many entries as reach 300 tokens.
+
+    The demo's generated prompts (3 short entries) are ~180 tokens, so they do not show the ~300-token
+    case on their own. Measured on the generator directly (first streamed chunk) and on a raw 1-token
+    ``generate``; the engine adds retrieval, policy and store before the generation starts (section 1).
+    """
+    settings = engine.settings
+    system = load_prompt("system")
+    tok = generator.tokenizer
+    out: dict[str, list[float]] = {
+        "prompt_tokens": [],
+        "raw_s": [],
+        "raw_cpu_s": [],
+        "stream_s": [],
+        "stream_cpu_s": [],
+    }
+    for row, _ in prompts:
+        query = str(row["query"])
+        entries: list[Any] = []
+        for hit in engine.kb.search(query, 10):
+            entries.append(hit.entry)
+            messages = build_messages(query, entries, system=system)
+            ids = chat_token_ids(tok, messages)
+            if len(ids) >= 290:
+                break
+        raw_s, raw_cpu, _ = raw_generate(generator.loaded, ids, 1, settings)
+        start, cpu = time.perf_counter(), time.process_time()
+        stream = generator.stream(messages, max_new_tokens=8)
+        next(stream, None)
+        stream_s, stream_cpu = time.perf_counter() - start, time.process_time() - cpu
+        stream.close()  # type: ignore[attr-defined]
+        for key, value in zip(out, (len(ids), raw_s, raw_cpu, stream_s, stream_cpu), strict=True):
+            out[key].append(value)
+    return {k: round(percentile(v, 50), 3) for k, v in out.items()}
+
+
 def summarize_runs(runs: Sequence[GenRun]) -> dict[str, Any]:
     def med(values: list[float]) -> float:
         clean = [v for v in values if v == v]
@@ -622,6 +661,7 @@ def section_generation(bench: Bench) -> None:
         return
     meter = LoadMeter().start()
     fp32 = measure_generation(bench, engine, generator, prompts)
+    probe_fp32 = ttft_probe(engine, generator, prompts)
     foreign_fp32 = meter.stop()
     rss_fp32 = peak_rss_bytes()
 
@@ -630,6 +670,7 @@ def section_generation(bench: Bench) -> None:
     rss_int8_model = peak_rss_bytes()
     engine8 = bench.engine(settings.replace(model={"cpu_speedup": "int8"}), kb=engine.kb, generator=g8)
     int8 = measure_generation(bench, engine8, g8, prompts)
+    probe_int8 = ttft_probe(engine8, g8, prompts)
     foreign_int8 = meter.stop()
     rss_int8 = peak_rss_bytes()
 
@@ -700,6 +741,14 @@ def section_generation(bench: Bench) -> None:
         ]
     )
     rows.append(["final modes", s32["final_modes"], s8["final_modes"]])
+    for label, key in [
+        ("~300-token probe: prompt tokens (median)", "prompt_tokens"),
+        ("~300-token probe: raw TTFT s", "raw_s"),
+        ("~300-token probe: first streamed chunk s", "stream_s"),
+        ("~300-token probe: raw TTFT, CPU s", "raw_cpu_s"),
+        ("~300-token probe: first chunk, CPU s", "stream_cpu_s"),
+    ]:
+        rows.append([label, fmt(probe_fp32[key], 3), fmt(probe_int8[key], 3)])
     for name in ("static cache", "static cache + torch.compile"):
         if name in extras.get("fp32", {}):
             rows.append([f"raw decode tok/s, {name}", fmt(extras["fp32"][name], 2), fmt(extras["int8"][name], 2)])
@@ -761,13 +810,14 @@ def section_generation(bench: Bench) -> None:
         ],
         title="grounding score of generated answers against their entries (closed book: same question, no entries)",
     )
-    ttft_300 = s32["engine_ttft_s_at_300_fit"]
-    ttft_ok = (ttft_300 if ttft_300 is not None else s32["engine_ttft_s_median"]) <= 1.0
+    ttft_ok = probe_fp32["stream_s"] <= 1.0
     ratio_ok = s32["stream_over_raw_median"] >= 0.95
     fast = max([s8["raw_decode_tps_median"]] + [v for v in extras.get("int8", {}).values() if isinstance(v, float)])
     print(
-        f"targets: TTFT at ~300 tokens <= 1.0 s: {verdict(ttft_ok)}; streamed >= 0.95x raw: {verdict(ratio_ok)}; "
-        f"fastest CPU path >= 20 tok/s: {verdict(fast >= 20)} ({fast:.1f})"
+        f"targets: first chunk at ~300 tokens <= 1.0 s (wall): {verdict(ttft_ok)} ({probe_fp32['stream_s']:.2f} s, "
+        f"CPU {probe_fp32['stream_cpu_s']:.2f} s); streamed >= 0.95x raw: {verdict(ratio_ok)}; "
+        f"fastest CPU path >= 20 tok/s: {verdict(fast >= 20)} ({fast:.1f} wall; int8 "
+        f"{s8['raw_decode_tps_cpu_median']:.1f} and float32 {s32['raw_decode_tps_cpu_median']:.1f} per CPU s)"
     )
     for a, b in pairs[:2]:
         print(f"\n  Q: {a.query}\n  fp32 [{a.mode}]: {a.text[:300]}\n  int8 [{b.mode}]: {b.text[:300]}")
@@ -776,6 +826,7 @@ def section_generation(bench: Bench) -> None:
         "max_new_tokens": bench.args.max_new_tokens,
         "fp32": s32,
         "int8": s8,
+        "ttft_300": {"fp32": probe_fp32, "int8": probe_int8},
         "quality": quality,
         "grounding_curve": grounding_curve,
         "closed_book": closed,
