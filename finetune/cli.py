@@ -65,6 +65,7 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     hp.add_argument("--micro-batch-size", type=int)
     hp.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     hp.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    hp.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     hp.add_argument("--layout", choices=["rag", "closed", "both"], help="prompt layout of the training text")
     hp.add_argument("--seed", type=int)
     hp.add_argument("--checkpoint-every", type=int, metavar="STEPS")
@@ -77,7 +78,7 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     run.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoints")
     run.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
     run.add_argument("--activate", action="store_true", help="serve the adapter when done")
-    run.add_argument("--eval-items", type=int, default=64, help="answers generated per layout for the metrics")
+    run.add_argument("--eval-items", type=int, default=32, help="answers generated per layout for the metrics (0: all)")
     run.add_argument("--no-answer-eval", action="store_true", help="loss/perplexity only (no generation)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
@@ -122,7 +123,8 @@ def _text_summary(result: Any) -> str:
     lines = [
         f"adapter {result.adapter!r} saved in {result.path}" + (" and activated" if result.activated else ""),
         f"training: {training.get('steps')} steps in {float(training.get('seconds', 0)):.0f} s, "
-        f"{float(training.get('tokens_per_s', 0)):.0f} real tokens/s, final loss {float(training.get('final_loss', 0)):.4f}",
+        f"{float(training.get('tokens_per_s', 0)):.0f} real tokens/s, "
+        f"final loss {float(training.get('final_loss', 0)):.4f}",
     ]
     rows = summary_rows(report.get("before", {}), report.get("after", {}))
     if rows:
@@ -158,6 +160,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         activate=args.activate,
         evaluate=not args.no_answer_eval,
         eval_items=args.eval_items,
+        max_minutes=args.max_minutes,
     )
     try:
         result = run_finetune(settings, request, progress_bar=not args.no_progress and sys.stderr.isatty())

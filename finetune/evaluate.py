@@ -276,10 +276,21 @@ def evaluate_model(
     answers: bool = True,
     **answer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Loss/perplexity on ``tokenized`` plus, with ``answers``, :func:`evaluate_answers` on ``examples``."""
+    """Loss/perplexity on ``tokenized`` (overall and per layout) plus, with ``answers``,
+    :func:`evaluate_answers` on ``examples``."""
     result: dict[str, Any] = dict(evaluate_loss(model, tokenized, pad_id=pad_id))
+    layouts = sorted({t.layout for t in tokenized})
+    if len(layouts) > 1:
+        for layout in layouts:
+            subset = [t for t in tokenized if t.layout == layout]
+            result[layout] = {
+                f"{k}": v for k, v in evaluate_loss(model, subset, pad_id=pad_id).items() if k != "tokens"
+            }
     if answers and examples:
-        result.update(evaluate_answers(model, tokenizer, examples, max_length=max_length, **answer_kwargs))
+        for layout, metrics in evaluate_answers(
+            model, tokenizer, examples, max_length=max_length, **answer_kwargs
+        ).items():
+            result.setdefault(layout, {}).update(metrics)
     return result
 
 
@@ -289,6 +300,8 @@ def evaluate_model(
 _ROWS = [
     ("loss", None, "eval loss"),
     ("perplexity", None, "perplexity"),
+    ("loss", "rag", "RAG loss"),
+    ("loss", "closed", "closed-book loss"),
     ("rouge_l", "rag", "RAG ROUGE-L"),
     ("token_f1", "rag", "RAG token F1"),
     ("embedding_cosine", "rag", "RAG embedding cosine"),
@@ -329,8 +342,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if data:
         lines.append(
             f"- data: {data.get('train_examples', '?')} training examples from {data.get('train_groups', '?')} "
-            f"entries, {data.get('eval_examples', '?')} eval examples from {data.get('eval_groups', '?')} held-out "
-            f"entries; layout {data.get('layout', '?')}; dataset hash `{str(report.get('dataset_hash', ''))[:12]}`"
+            f"entries, {data.get('eval_examples', '?')} eval examples ({data.get('eval_groups', '?')} entries); "
+            f"layout {data.get('layout', '?')}; dataset hash `{str(report.get('dataset_hash', ''))[:12]}`"
         )
     if train:
         lines.append(

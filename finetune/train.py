@@ -224,7 +224,8 @@ def _checkpointing(decoder: Any) -> bool:
 
 
 def answer_loss(model: Any, batch: Batch, *, mode: LossMode = "sliced") -> torch.Tensor:
-    """Summed cross-entropy over the answer tokens of ``batch`` (divide by ``batch.n_targets``).
+    """Summed cross-entropy over the answer tokens of a right-padded ``batch`` (see :func:`collate`);
+    divide by ``batch.n_targets`` for the mean.
 
     ``mode``:
 
@@ -249,17 +250,14 @@ def answer_loss(model: Any, batch: Batch, *, mode: LossMode = "sliced") -> torch
         return F.cross_entropy(logits[:, :-1][keep].float(), target_ids, reduction="sum")
     decoder, head = parts
     prefix = _shared_prefix(batch) if mode == "shared-prefix" and not _checkpointing(decoder) else 0
+    # Rows are right-padded, so the causal mask alone is exact for every real token (padding only
+    # follows them); without a padding mask SDPA can take its fused causal kernel.
     if prefix:
         cache = decoder(input_ids=batch.input_ids[:1, :prefix], use_cache=True).past_key_values
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
-        out = decoder(
-            input_ids=batch.input_ids[:, prefix:],
-            attention_mask=batch.attention_mask,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out = decoder(input_ids=batch.input_ids[:, prefix:], past_key_values=cache, use_cache=True)
     else:
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        out = decoder(input_ids=batch.input_ids, use_cache=False)
     # out covers positions prefix..T-1; position t predicts token t+1 (keep's column t).
     selected = out.last_hidden_state[:, :-1][keep[:, prefix:]]
 
@@ -497,6 +495,8 @@ class TrainResult:
     checkpoint: Path | None
     peak_rss_mb: float
     loss_mode: str = "sliced"
+    stopped_early: bool = False
+    """True when ``time_limit_s`` ended the run before ``total_steps``."""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -567,14 +567,18 @@ def fit(
     eval_every: int = 0,
     on_progress: ProgressCallback | None = None,
     progress_bar: bool = True,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train the LoRA weights of ``model`` (a PeftModel) on ``train``; see the module docstring.
 
     ``fingerprint`` (the dataset hash) and the batch settings are stored in each checkpoint and
     checked on resume. ``eval_fn`` (e.g. the held-out loss) runs every ``eval_every`` steps.
     ``on_progress`` gets a dict after every step: step, total_steps, epoch, loss, lr, tokens (real
-    tokens so far), tokens_per_s, elapsed_s, eta_s (and ``checkpoint`` when one was written); raising KeyboardInterrupt from it
-    stops the run like Ctrl-C does.
+    tokens so far), tokens_per_s, elapsed_s, eta_s (and ``checkpoint`` when one was written);
+    raising KeyboardInterrupt from it stops the run like Ctrl-C does (how a UI stops a run).
+    ``time_limit_s`` ends the run before the first step that would take training past that many
+    seconds (judged by the mean step so far; the result says ``stopped_early``, and the learning
+    rate has not fully decayed then).
     """
     import torch
     from tqdm.auto import tqdm
@@ -653,6 +657,7 @@ def fit(
     session_tokens, session_start, paused = 0, time.perf_counter(), 0.0
     resume_rng = _rng_state()  # the RNG state at the start of the next step to run
     saved_step = state.step if resume else -1
+    stopped_early = False
 
     def session_seconds() -> float:
         return time.perf_counter() - session_start - paused
@@ -720,6 +725,11 @@ def fit(
             bar.update(1)
             if on_progress is not None and main:
                 on_progress(info)
+            # Stop before a step that would overrun the budget (judged by this session's mean step).
+            mean_step_s = session_s / (state.step - resumed_from)
+            if time_limit_s is not None and state.step < total_steps and info["elapsed_s"] + mean_step_s > time_limit_s:
+                stopped_early = True
+                break
     except KeyboardInterrupt:
         bar.close()
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; it reruns on resume
@@ -745,6 +755,7 @@ def fit(
         checkpoint=checkpoint_path,
         peak_rss_mb=_peak_rss_mb(),
         loss_mode=loss_mode,
+        stopped_early=stopped_early,
     )
 
 
@@ -770,8 +781,10 @@ class FinetuneRequest:
     overwrite: bool = False
     activate: bool = False
     evaluate: bool = True
-    eval_items: int = 64
+    eval_items: int = 32
     """Answers generated per layout for the quality metrics (generation is the slow part on a CPU)."""
+    max_minutes: float | None = None
+    """Stop training after this much training time (evaluation and saving come on top)."""
     refusal_fraction: float = 0.1
 
 
@@ -990,6 +1003,7 @@ def run_finetune(
         eval_every=ft.checkpoint_every,
         on_progress=on_progress,
         progress_bar=progress_bar,
+        time_limit_s=request.max_minutes * 60 if request.max_minutes else None,
     )
     if not main:
         return FinetuneResult(name, registry.path(name), False, {"training": result.to_dict()}, {})

@@ -412,6 +412,18 @@ def test_loss_falls_on_a_memorizable_set(tiny: tuple[Any, Any], settings: Settin
     assert seen[-1]["eta_s"] == 0 and seen[0]["step"] == 1
 
 
+def test_a_time_limit_stops_before_the_step_that_would_overrun_it(
+    tiny: tuple[Any, Any], settings: Settings, tmp_path: Path
+) -> None:
+    tokenizer, load = tiny
+    data = toy_tokenized(tokenizer)
+    s = ft_settings(settings, micro_batch_size=2, grad_accum_steps=1)
+    _, result = _train(load, data, s, tmp_path / "run", max_steps=20, time_limit_s=1e-9)
+    assert result.steps == 1 and result.stopped_early
+    _, unhurried = _train(load, data, s, tmp_path / "run2", max_steps=3, time_limit_s=3600)
+    assert unhurried.steps == 3 and not unhurried.stopped_early
+
+
 def test_resume_continues_at_the_same_step_and_reaches_the_same_loss(
     tiny: tuple[Any, Any], settings: Settings, tmp_path: Path
 ) -> None:
