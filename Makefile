@@ -34,4 +34,4 @@ lint:
 	ruff check . && ruff format --check . && mypy
 
 bench:
-	$(PYTHON) benchmarks/retrieval.py && $(PYTHON) benchmarks/chat.py && $(PYTHON) benchmarks/finetune.py --quick
+	$(PYTHON) -m benchmarks.retrieval && $(PYTHON) -m benchmarks.chat && $(PYTHON) -m benchmarks.finetune --quick && $(PYTHON) -m benchmarks.load
