@@ -111,9 +111,9 @@ class PolicySettings:
     the bundled MiniLM (goal: >= 95% of out-of-scope handed off, <= 5% wrong sources).
     """
 
-    faq_threshold: float = 0.68
+    faq_threshold: float = 0.66
     """Top score at or above this (and a clear lead) -> answer with the FAQ entry verbatim."""
-    relevance_threshold: float = 0.56
+    relevance_threshold: float = 0.60
     """Top score below this -> hand off: nothing in the FAQ is relevant."""
     clarify_margin: float = 0.02
     """Top two entries within this margin (both relevant) -> ask "did you mean ...?"."""

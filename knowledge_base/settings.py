@@ -31,8 +31,9 @@ class KBSettings:
     top_k: int = 5
     retrieval: Literal["hybrid", "dense", "bm25"] = "hybrid"
     """How entries are ranked: see `knowledge_base.retriever` for what each does and why."""
-    bm25_weight: float = 0.1
-    """Weight of the lexical (BM25) score in the hybrid ranking; the dense score gets the rest."""
+    bm25_weight: float = 0.2
+    """Largest weight of the lexical (BM25) score in the hybrid ranking, scaled per query by how
+    clearly BM25 singles out one entry (see `knowledge_base.retriever`); the dense score gets the rest."""
     answer_weight: float = 0.5
     """Weight of the whole-entry (question + answer) vector next to the best question phrasing;
     0 embeds no answers (faster ingestion, slightly worse ranking)."""

@@ -177,6 +177,22 @@ def test_hybrid_lets_a_shared_rare_word_break_a_dense_near_tie(tmp_path, embedde
     assert kb.search("router", 1)[0].entry.id == "b"
 
 
+def test_bm25_gets_no_say_when_it_scores_the_candidates_alike(tmp_path, embedder):
+    kb = KnowledgeBase(tmp_path / "kb", KBSettings(bm25_weight=0.5), embedder)
+    kb.upsert(
+        [
+            FAQEntry("a", "How do I reset my password?", "Use the reset link."),
+            FAQEntry("b", "How do I reset my router?", "Unplug it."),
+        ]
+    )
+    # "reset" is in both entries alike: the hybrid score is the dense score.
+    for hit in kb.search("reset", 2):
+        assert hit.lexical > 0 and hit.score == pytest.approx(hit.dense)
+    # "router" singles out one entry: BM25 adds to its score, by at most bm25_weight.
+    top = kb.search("router", 1)[0]
+    assert top.score == pytest.approx(0.5 * top.dense + 0.5 * top.lexical)
+
+
 def test_lexical_scores_are_normalized_by_what_the_query_could_reach():
     index = LexicalIndex()
     index.add("a", "express shipping cost")
@@ -185,6 +201,52 @@ def test_lexical_scores_are_normalized_by_what_the_query_could_reach():
     assert 0.5 < scores["a"] <= 1.0
     assert "b" not in scores
     assert index.scores("express xylophone")["a"] < scores["a"]
+
+
+def test_lexical_index_scores_like_the_bm25_formula_after_adds_and_removes(tmp_path):
+    import math
+    import random
+
+    from knowledge_base.index import tokenize
+
+    rng = random.Random(3)
+    words = ["parcel", "refund", "voucher", "express", "invoice", "colour", "size", "warranty", "courier", "label"]
+    index = LexicalIndex()
+    texts = {}
+    for i in range(60):
+        texts[f"e{i}"] = " ".join(rng.choices(words, k=rng.randint(2, 9)))
+        index.add(f"e{i}", texts[f"e{i}"])
+    for i in range(0, 60, 3):  # removed rows are reused by later adds
+        index.remove(f"e{i}")
+        del texts[f"e{i}"]
+    for i in range(60, 70):
+        texts[f"e{i}"] = " ".join(rng.choices(words, k=rng.randint(2, 9)))
+        index.add(f"e{i}", texts[f"e{i}"])
+    index.save(tmp_path / "bm25.json", revision=1)
+    loaded, _ = LexicalIndex.load(tmp_path / "bm25.json")
+
+    query = "express courier refund"
+    docs = {e: tokenize(t) for e, t in texts.items()}
+    avg = sum(map(len, docs.values())) / len(docs)
+    idf = {
+        t: math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        for t in tokenize(query)
+        for df in [sum(t in d for d in docs.values())]
+    }
+    expected = {}
+    for e, d in docs.items():
+        raw = sum(idf[t] * d.count(t) * 2.2 / (d.count(t) + 1.2 * (0.25 + 0.75 * len(d) / avg)) for t in idf if t in d)
+        if raw:
+            expected[e] = min(raw / sum(idf.values()), 1.0)
+    for scored in (index.scores(query), loaded.scores(query)):
+        assert scored.keys() == expected.keys()
+        assert all(scored[e] == pytest.approx(v) for e, v in expected.items())
+
+    best3 = sorted(expected, key=expected.__getitem__, reverse=True)[:3]
+    weakest = min(expected, key=expected.__getitem__)
+    limited = index.scores(query, top=3, include=[weakest, "e0", "nope"])
+    assert set(limited) == {*best3, weakest}
+    assert index.scores(query, allowed={"e1", "e2"}).keys() == expected.keys() & {"e1", "e2"}
 
 
 def test_dense_index_round_trips_through_disk(tmp_path):
