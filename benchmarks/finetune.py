@@ -23,7 +23,10 @@ token F1 and MiniLM cosine in the rag and closed-book layouts, and refusals on `
 questions. The FAQ entries whose phrasings were held out of training (``--eval-fraction``) are
 scored apart.
 
-    python -m benchmarks.finetune --threads 1      # both parts (about an hour on 2 busy CPU cores)
+Part 3, resume: the same short run straight and with a Ctrl-C half-way plus ``resume=True``; the
+final losses must agree within 1%.
+
+    python -m benchmarks.finetune --threads 1      # all parts (about an hour on 2 busy CPU cores)
     python -m benchmarks.finetune --quick          # 3 throughput steps, 12 training steps, fewer answers
     python -m benchmarks.finetune --part throughput
 
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -487,12 +491,75 @@ def quality(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     return report
 
 
+# --------------------------------------------------------------------------------------------------
+# Part 3: resume after an interruption reaches the same loss
+
+
+def resume_check(model_dir: str, steps: int, threads: int = 0) -> dict[str, Any]:
+    """Train ``steps`` optimizer steps straight, then again with a Ctrl-C after half of them and
+    ``resume=True``; the same seed, data and settings (dropout on, 2 accumulated micro-batches, so
+    the RNG and data position must both be restored). Reports both final losses and their gap."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import quiet_transformers
+    from chatbot.settings import FinetuneSettings
+    from finetune.lora import apply_lora
+    from finetune.train import TrainingInterrupted, fit
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer, data = _examples(model_dir, 8 * steps, 256)
+    ft = FinetuneSettings(micro_batch_size=4, grad_accum_steps=2, dropout=0.05, learning_rate=1e-3, seed=0)
+    pad = tokenizer.pad_token_id
+
+    def run(run_dir: Path, **kwargs: Any) -> Any:
+        with quiet_transformers():
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        torch.manual_seed(ft.seed)
+        model = apply_lora(base, ft)
+        return fit(model, data, ft, run_dir=run_dir, pad_id=pad, max_steps=steps, progress_bar=False, **kwargs)
+
+    def stop_half_way(info: dict[str, Any]) -> None:
+        if info["step"] == steps // 2:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+
+    root = RESULTS / "resume"
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    straight = run(root / "straight")
+    try:
+        run(root / "resumed", on_progress=stop_half_way)
+        raise SystemExit("the interruption did not happen")
+    except TrainingInterrupted as exc:
+        interrupted_at = exc.step
+    resumed = run(root / "resumed", resume=True)
+    gap = abs(resumed.final_loss - straight.final_loss) / straight.final_loss
+    out = {
+        "steps": steps,
+        "interrupted_at": interrupted_at,
+        "resumed_from": resumed.resumed_from,
+        "final_loss_straight": straight.final_loss,
+        "final_loss_resumed": resumed.final_loss,
+        "relative_gap": gap,
+        "seconds": time.perf_counter() - t0,
+    }
+    print(
+        f"resume: {steps} steps straight -> final loss {straight.final_loss:.4f}; interrupted at step "
+        f"{interrupted_at}, resumed from {resumed.resumed_from} -> {resumed.final_loss:.4f} "
+        f"(gap {100 * gap:.3f}%, target <= 1%: {'PASS' if gap <= 0.01 else 'MISS'})",
+        flush=True,
+    )
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["throughput", "quality", "all"], default="all")
+    parser.add_argument("--part", choices=["throughput", "quality", "resume", "all"], default="all")
+    parser.add_argument("--resume-steps", type=int, default=4, help="optimizer steps of the resume check")
     parser.add_argument("--quick", action="store_true", help="fewer steps and eval items")
     parser.add_argument("--model-cache", type=Path, default=ROOT / "supportbot-data", help="data dir holding models/")
     parser.add_argument("--model", help="another model folder instead of the bundled SmolLM2 (for trying the script)")
@@ -541,6 +608,8 @@ def main() -> None:
             "after": {k: v for k, v in report["after"].items() if k != "samples"},
             "training": {k: v for k, v in report["training"].items() if k not in ("losses", "eval_losses")},
         }
+    if args.part in ("resume", "all"):
+        summary["resume"] = resume_check(model_dir, args.resume_steps, args.threads)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nall figures: {RESULTS / 'summary.json'}")
 

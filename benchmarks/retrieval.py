@@ -40,7 +40,7 @@ from benchmarks.common import (
     run_measured,
     set_torch_threads,
 )
-from knowledge_base.embeddings import Embedder, SentenceTransformerEmbedder
+from knowledge_base.embeddings import Embedder, make_embedder
 from knowledge_base.evaluate import read_jsonl, relevant_ids, retrieval_metrics
 from knowledge_base.index import LexicalIndex
 from knowledge_base.kb import KnowledgeBase
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faiss.omp_set_num_threads(args.threads)
     settings = KBSettings()
     if args.scale_worker:  # the child of `scale_in_subprocess`: figures as one JSON line on stdout
-        embedder = SentenceTransformerEmbedder(settings.embedding_model, device=settings.embedding_device)
+        embedder = make_embedder(settings)
         embedder.embed_batch(["load the model before any timing"])
         print(json.dumps(bench_synthetic(args.scale_worker, settings, embedder, edits=5)))
         return 0
@@ -557,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev_sets": {},
     }
     if not args.scale_only:
-        embedder = SentenceTransformerEmbedder(settings.embedding_model, device=settings.embedding_device)
+        embedder = make_embedder(settings)
         embedder.embed_batch(["load the model before any timing"])
         for ds in dev_sets(args.data_dir):
             if not (ds.faq.exists() and ds.queries.exists()):

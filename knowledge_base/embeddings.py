@@ -1,11 +1,19 @@
-"""Text embedders: a base with one required method, and the sentence-transformers implementation.
+"""Text embedders: a base with one required method, and two implementations.
 
 Vectors are float32 and L2-normalized, so inner product is cosine similarity (what the FAISS index
 and the retriever's scores assume).
+
+* `MeanPoolingEmbedder` runs a local sentence-transformers folder whose pipeline is just a
+  transformer plus mean or CLS pooling (all-MiniLM-L6-v2, the default, and most small embedding
+  models) with plain transformers: the same vectors, without importing sentence-transformers
+  and scikit-learn (about 4 s of every server start on this CPU).
+* `SentenceTransformerEmbedder` runs anything else sentence-transformers can load (hub ids,
+  models with dense layers or other pooling).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -17,7 +25,13 @@ import numpy as np
 from knowledge_base.errors import ModelLoadError
 from knowledge_base.settings import DEFAULT_EMBEDDING_MODEL, KBSettings
 
-__all__ = ["Embedder", "SentenceTransformerEmbedder", "default_embedding_path", "make_embedder"]
+__all__ = [
+    "Embedder",
+    "MeanPoolingEmbedder",
+    "SentenceTransformerEmbedder",
+    "default_embedding_path",
+    "make_embedder",
+]
 
 Progress = Callable[[int, int], None]
 
@@ -41,15 +55,23 @@ class Embedder(ABC):
         return dim
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
-        """Embed any number of texts in batches, reporting ``progress(done, total)``."""
+        """Embed any number of texts in batches, reporting ``progress(done, total)``.
+
+        Texts are batched by length (and returned in their order): a batch is padded to its longest
+        text, and an upload mixes short question phrasings with long question + answer texts.
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = []
         for start in range(0, len(texts), batch_size):
-            parts.append(np.asarray(self.embed_batch(texts[start : start + batch_size]), dtype=np.float32))
+            batch = [texts[i] for i in order[start : start + batch_size]]
+            parts.append(np.asarray(self.embed_batch(batch), dtype=np.float32))
             if progress:
                 progress(min(start + batch_size, len(texts)), len(texts))
-        return np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        out[order] = np.vstack(parts)
+        return out
 
 
 def default_embedding_path() -> Path:
@@ -83,11 +105,7 @@ class SentenceTransformerEmbedder(Embedder):
                 transformers.utils.logging.disable_progress_bar()
 
                 path = str(default_embedding_path()) if self.model_id == DEFAULT_EMBEDDING_MODEL else self.model_id
-                device = self.device
-                if device == "auto":
-                    import torch
-
-                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                device = _resolve_device(self.device)
                 try:
                     self._model = SentenceTransformer(path, device=device, local_files_only=Path(path).exists())
                 except (OSError, ValueError) as exc:
@@ -105,5 +123,91 @@ class SentenceTransformerEmbedder(Embedder):
         return np.asarray(vectors, dtype=np.float32)
 
 
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _pooling_of(folder: Path) -> str | None:
+    """ "mean" or "cls" when ``folder`` is a sentence-transformers model made of a transformer and
+    that pooling only (plus normalization); None for anything else."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+            return None
+        pooling = json.loads((folder / modules[1]["path"] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v}
+    return (
+        {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}.get(modes.pop())
+        if len(modes) == 1
+        else None
+    )
+
+
+class MeanPoolingEmbedder(Embedder):
+    """A sentence-transformers folder (transformer + mean or CLS pooling) run with transformers
+    alone; loaded lazily on first use (thread-safe). Same ``name`` as `SentenceTransformerEmbedder`
+    for the model, since the vectors are the same (the embedding cache stays valid)."""
+
+    def __init__(self, folder: Path, *, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> None:
+        self.folder, self.device = folder, device
+        self.name = f"st:{model}"
+        self.pooling = _pooling_of(folder) or "mean"
+        try:
+            config = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        self.max_length = int(config.get("max_seq_length") or 512)
+        self.lower_case = bool(config.get("do_lower_case", False))
+        self._parts: tuple[Any, Any, str] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> tuple[Any, Any, str]:
+        with self._lock:
+            if self._parts is None:
+                from transformers import AutoModel, AutoTokenizer
+
+                device = _resolve_device(self.device)
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(self.folder)
+                    model = AutoModel.from_pretrained(self.folder).to(device).eval()
+                except (OSError, ValueError) as exc:
+                    raise ModelLoadError(
+                        f"cannot load embedding model from {self.folder}: {exc}",
+                        fix="set SUPPORTBOT_KB_EMBEDDING_MODEL to a local sentence-transformers folder",
+                    ) from exc
+                self._parts = (tokenizer, model, device)
+            return self._parts
+
+    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        tokenizer, model, device = self._load()
+        texts = [t.lower() for t in texts] if self.lower_case else list(texts)
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.cpu().numpy()
+
+
 def make_embedder(settings: KBSettings) -> Embedder:
-    return SentenceTransformerEmbedder(settings.embedding_model, device=settings.embedding_device)
+    """The configured embedder: `MeanPoolingEmbedder` where the model is a local folder it can run
+    (the bundled default included), else `SentenceTransformerEmbedder`."""
+    model = settings.embedding_model
+    folder = default_embedding_path() if model == DEFAULT_EMBEDDING_MODEL else Path(model)
+    if folder.is_dir() and _pooling_of(folder):
+        return MeanPoolingEmbedder(folder, model=model, device=settings.embedding_device)
+    return SentenceTransformerEmbedder(model, device=settings.embedding_device)

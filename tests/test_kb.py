@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -291,11 +292,55 @@ def test_stats_and_export(kb, faq_file, tmp_path):
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 4
 
 
+def test_embed_batches_by_length_but_returns_rows_in_input_order(embedder):
+    texts = ["a much longer question about returning a sale item " * 3, "short", "medium length text", "x"]
+    batched = embedder.embed(texts, batch_size=2)
+    assert np.allclose(batched, np.vstack([embedder.embed_batch([t]) for t in texts]))
+
+
+def _st_folder(tmp_path, modules, pooling):
+    (tmp_path / "1_Pooling").mkdir(parents=True)
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("extra", "pooling", "expected"),
+    [
+        ([], {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+        (["Normalize"], {"pooling_mode_cls_token": True}, "cls"),
+        (["Normalize"], {"pooling_mode_max_tokens": True}, None),  # left to sentence-transformers
+        (["Dense", "Normalize"], {"pooling_mode_mean_tokens": True}, None),
+    ],
+)
+def test_which_sentence_transformers_folders_run_without_it(tmp_path, extra, pooling, expected):
+    from knowledge_base.embeddings import _pooling_of
+
+    kinds = ["Transformer", "Pooling", *extra]
+    modules = [
+        {"idx": i, "path": "1_Pooling" if k == "Pooling" else "", "type": f"sentence_transformers.models.{k}"}
+        for i, k in enumerate(kinds)
+    ]
+    assert _pooling_of(_st_folder(tmp_path, modules, pooling)) == expected
+    assert _pooling_of(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_the_default_embedder_gives_sentence_transformers_vectors_without_it():
+    from knowledge_base.embeddings import MeanPoolingEmbedder, SentenceTransformerEmbedder, make_embedder
+
+    texts = ["How do I track my order?", "ok", "Can I return an item I bought on sale? " * 40]
+    ours = make_embedder(KBSettings())
+    assert isinstance(ours, MeanPoolingEmbedder) and ours.name == SentenceTransformerEmbedder().name
+    assert np.allclose(ours.embed(texts), SentenceTransformerEmbedder().embed(texts), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_real_minilm_ranks_a_paraphrase_first(tmp_path):
-    from knowledge_base.embeddings import SentenceTransformerEmbedder
+    from knowledge_base.embeddings import make_embedder
 
-    kb = KnowledgeBase(tmp_path / "kb", KBSettings(), SentenceTransformerEmbedder())
+    kb = KnowledgeBase(tmp_path / "kb", KBSettings(), make_embedder(KBSettings()))
     kb.upsert(
         [
             FAQEntry("ship", "How long does delivery take?", "Standard delivery takes 3-7 business days."),
