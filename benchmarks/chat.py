@@ -231,9 +231,16 @@ class Bench:
 
     def base_model(self, settings: Settings) -> LoadedModel:
         if self._base is None:
+            converted = any((settings.data_dir / "models").glob("*/config.json"))
             start = time.perf_counter()
             self._base = load_model(settings.model, settings.data_dir)
             seconds = time.perf_counter() - start
+            if not converted:  # that was the first start (GGUF conversion): time a second one
+                print(f"first start (GGUF conversion included): {seconds:.1f} s")
+                self.results["first_model_load_s"] = round(seconds, 2)
+                start = time.perf_counter()
+                self._base = load_model(settings.model, settings.data_dir)
+                seconds = time.perf_counter() - start
             self.results["model_load_s"] = round(seconds, 2)
             print(f"model load (converted copy cached): {seconds:.1f} s   target <= 5 s: {verdict(seconds <= 5)}")
         return self._base
@@ -1158,20 +1165,18 @@ def section_followups(bench: Bench) -> None:
         # The heuristic exactly as the engine runs it: previous *resolved* questions, turn by turn.
         resolved: list[str] = []
         for turn in turns:
-            resolved.append(resolve_followup(turn, resolved, top_score))
-        counts["heuristic"] += top1(resolved[-1]) == gold
+            question, hits = resolve_followup(turn, resolved, kb.search, 5)
+            resolved.append(question)
+        counts["heuristic"] += bool(hits) and hits[0].entry.id == gold
+        # The engine's earlier rule: the better of the two searches by top score.
+        if len(resolved) > 1 and is_elliptic(last):
+            joint = resolved[-1]
+            counts["better_search"] += top1(joint if top_score(joint) + 0.02 >= top_score(last) else last) == gold
+        else:
+            counts["better_search"] += top1(last) == gold
         combined += resolved[-1] != last
         counts["concat_previous"] += top1(f"{turns[-2].rstrip('?. ')}? {last}") == gold
         counts["concat_all"] += top1(" ".join(turns)) == gold
-        # A candidate: rank by the mean of the two searches' scores (message alone, previous + message).
-        if is_elliptic(last):
-            fused: Counter[str] = Counter()
-            for text in (last, f"{resolved[-2].rstrip('?. ')}? {last}"):
-                for hit in kb.search(text, 10):
-                    fused[hit.entry.id] += hit.score / 2
-            counts["fusion"] += max(fused, key=lambda i: fused[i]) == gold
-        else:
-            counts["fusion"] += top1(last) == gold
         # And through the engine itself (the stub answers the generated band).
         cid = None
         for turn in turns:
@@ -1181,17 +1186,18 @@ def section_followups(bench: Bench) -> None:
         answered_right += answer.mode in ("faq", "generated") and bool(answer.sources) and answer.sources[0] == gold
     n = len(convs) or 1
     shares = {
-        k: counts[k] / n for k in ("alone", "heuristic", "concat_previous", "concat_all", "engine_question", "fusion")
+        k: counts[k] / n
+        for k in ("alone", "heuristic", "better_search", "concat_previous", "concat_all", "engine_question")
     }
     print_table(
         ["last turn searched as", "top-1 right"],
         [
             ["(a) the message alone", f"{shares['alone']:.3f}"],
-            ["(b) engine heuristic (resolve_followup)", f"{shares['heuristic']:.3f}"],
-            ["(b') question the engine stored", f"{shares['engine_question']:.3f}"],
+            ["(b) engine: elliptic -> mean score of (a) and previous + message", f"{shares['heuristic']:.3f}"],
+            ["(b') the question the engine stored, searched alone", f"{shares['engine_question']:.3f}"],
+            ["(b'') elliptic -> the better of the two searches by top score", f"{shares['better_search']:.3f}"],
             ["(c) previous turn + message, always", f"{shares['concat_previous']:.3f}"],
             ["(c') all turns concatenated, always", f"{shares['concat_all']:.3f}"],
-            ["(d) elliptic: mean score of (a) and previous + message", f"{shares['fusion']:.3f}"],
         ],
         title=f"{len(convs)} conversations (followups.jsonl)",
     )

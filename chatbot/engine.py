@@ -132,8 +132,12 @@ class ChatEngine:
         assert final is not None
         return final
 
+    @property
+    def _retrieval_k(self) -> int:
+        return max(self.settings.kb.top_k, self.settings.policy.max_clarify_options)
+
     def retrieve(self, question: str) -> list[SearchHit]:
-        return self.kb.search(question, max(self.settings.kb.top_k, self.settings.policy.max_clarify_options))
+        return self.kb.search(question, self._retrieval_k)
 
     def decide(self, question: str) -> tuple[list[SearchHit], Decision]:
         hits = self.retrieve(question)
@@ -160,12 +164,8 @@ class ChatEngine:
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
-        def top_score(text: str) -> float:
-            hits = self.kb.search(text, 1)
-            return hits[0].score if hits else 0.0
-
-        question = resolve_followup(message, previous, top_score)
-        hits, decision = self.decide(question)
+        question, hits = resolve_followup(message, previous, self.kb.search, self._retrieval_k)
+        decision = decide(question, hits, self.settings.policy)
         if not len(self.kb):
             decision = Decision("handoff", [], "the knowledge base is empty")
 

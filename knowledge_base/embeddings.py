@@ -63,14 +63,16 @@ class Embedder(ABC):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        parts = []
+        out: np.ndarray | None = None  # filled batch by batch: one copy of the vectors, not three
         for start in range(0, len(texts), batch_size):
-            batch = [texts[i] for i in order[start : start + batch_size]]
-            parts.append(np.asarray(self.embed_batch(batch), dtype=np.float32))
+            rows = order[start : start + batch_size]
+            vectors = np.asarray(self.embed_batch([texts[i] for i in rows]), dtype=np.float32)
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
             if progress:
                 progress(min(start + batch_size, len(texts)), len(texts))
-        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
-        out[order] = np.vstack(parts)
+        assert out is not None
         return out
 
 

@@ -207,7 +207,20 @@ def test_follow_ups_are_resolved_against_the_conversation(engine_factory):
     second = engine.answer("and how long does it take?", first.conversation_id)
     assert second.question.startswith("How much is express shipping")
     assert is_elliptic("and to Canada?") and not is_elliptic("How do I return a kettle I bought last week?")
-    assert resolve_followup("and to Canada?", [], lambda q: 0.5) == "and to Canada?"
+    assert resolve_followup("and to Canada?", [], engine.kb.search, 3)[0] == "and to Canada?"
+
+
+def test_a_follow_up_ranks_entries_by_both_the_message_and_the_topic(engine_factory):
+    engine = engine_factory()
+    question, hits = resolve_followup(
+        "and how long does it take?", ["How much is express shipping?"], engine.kb.search, 3
+    )
+    assert question == "How much is express shipping? and how long does it take?"
+    alone = {h.entry.id: h.score for h in engine.kb.search("and how long does it take?", 10)}
+    joint = {h.entry.id: h.score for h in engine.kb.search(question, 10)}
+    for hit in hits:
+        assert hit.score == pytest.approx((alone.get(hit.entry.id, 0) + joint.get(hit.entry.id, 0)) / 2)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_generation_gets_the_conversation_history(engine_factory):
