@@ -514,8 +514,8 @@ def resume_check(model_dir: str, steps: int, threads: int = 0) -> dict[str, Any]
     pad = tokenizer.pad_token_id
 
     def run(run_dir: Path, **kwargs: Any) -> Any:
-        with quiet_transformers():
-            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        quiet_transformers()
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         torch.manual_seed(ft.seed)
         model = apply_lora(base, ft)
         return fit(model, data, ft, run_dir=run_dir, pad_id=pad, max_steps=steps, progress_bar=False, **kwargs)

@@ -173,8 +173,10 @@ class MeanPoolingEmbedder(Embedder):
     def _load(self) -> tuple[Any, Any, str]:
         with self._lock:
             if self._parts is None:
+                import transformers
                 from transformers import AutoModel, AutoTokenizer
 
+                transformers.utils.logging.disable_progress_bar()
                 device = _resolve_device(self.device)
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(self.folder)
