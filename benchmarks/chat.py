@@ -1157,7 +1157,7 @@ def section_followups(bench: Bench) -> None:
         return hits[0].score if hits else 0.0
 
     counts: Counter[str] = Counter()
-    combined = answered_right = 0
+    combined = answered_right = answered_wrong = 0
     for conv in convs:
         turns, gold = [str(t) for t in conv["turns"]], str(conv["faq_id"])
         last = turns[-1]
@@ -1183,7 +1183,9 @@ def section_followups(bench: Bench) -> None:
             answer = engine.answer(turn, cid, client="bench")
             cid = answer.conversation_id
         counts["engine_question"] += top1(answer.question) == gold
-        answered_right += answer.mode in ("faq", "generated") and bool(answer.sources) and answer.sources[0] == gold
+        answered = answer.mode in ("faq", "generated") and bool(answer.sources)
+        answered_right += answered and answer.sources[0] == gold
+        answered_wrong += answered and answer.sources[0] != gold
     n = len(convs) or 1
     shares = {
         k: counts[k] / n
@@ -1203,13 +1205,14 @@ def section_followups(bench: Bench) -> None:
     )
     print(
         f"heuristic combined the turns in {combined}/{len(convs)}; the engine answered the last turn from the labelled "
-        f"entry (faq/generated) in {answered_right}/{len(convs)}"
+        f"entry (faq/generated) in {answered_right}/{len(convs)}, from another entry in {answered_wrong}/{len(convs)}"
     )
     bench.results["followups"] = {
         "conversations": len(convs),
         "top1": shares,
         "combined": combined,
         "engine_answered_right": answered_right,
+        "engine_answered_wrong": answered_wrong,
     }
 
 

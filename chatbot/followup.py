@@ -6,7 +6,9 @@ about", or leaning on "it"/"that" — is searched twice, alone and appended to t
 question, and each entry is ranked by the mean of its two scores. An entry must then match both
 what was just said and the conversation's topic; neither search alone can drag the answer away.
 Measured on the demo ``followups.jsonl`` by ``benchmarks/chat.py`` (last turn's top-1 right: message
-alone 0.514, the better of the two searches by top score 0.571, the mean of both 0.714).
+alone 0.514, the better of the two searches by top score 0.571, the mean of both 0.714). The mean is
+also the hits' score, so the policy hands off a follow-up that only one search supports (1 wrong
+answer in 35 instead of 5 when scored by the better search).
 """
 
 from __future__ import annotations
