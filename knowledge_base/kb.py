@@ -140,19 +140,19 @@ class KnowledgeBase:
         hashes = [text_hash(t) for t in texts]
         cached = self.store.cached_vectors(self.embedder.name, hashes)
         missing = list(dict.fromkeys(h for h in hashes if h not in cached))
+        self._last_embedded = len(missing)
         if missing:
             by_hash = dict(zip(hashes, texts, strict=True))
-            # Longest first: batches of similar length waste less padding.
-            order = sorted(missing, key=lambda h: -len(by_hash[h]))
             report = self.progress
             progress = (lambda d, t: report("embedding", d, t)) if report else None
-            vectors = self.embedder.embed(
-                [by_hash[h] for h in order], batch_size=self.settings.embedding_batch_size, progress=progress
+            vectors = self.embedder.embed(  # batched by length inside
+                [by_hash[h] for h in missing], batch_size=self.settings.embedding_batch_size, progress=progress
             )
-            fresh = dict(zip(order, vectors, strict=True))
+            fresh = dict(zip(missing, vectors, strict=True))
             self.store.cache_vectors(self.embedder.name, fresh)
+            if len(missing) == len(hashes):  # nothing cached, no repeats: already in order, no second copy
+                return vectors
             cached.update(fresh)
-        self._last_embedded = len(missing)
         return np.vstack([cached[h] for h in hashes]) if hashes else np.zeros((0, self.embedder.dim), np.float32)
 
     def _index_entries(self, entries: Sequence[FAQEntry]) -> int:

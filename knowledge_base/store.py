@@ -240,7 +240,8 @@ class EntryStore:
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO embedding_cache(model, text_hash, vector) VALUES (?,?,?)",
-                [(model, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()],
+                # A generator, not a list: 200,000 vectors as bytes at once would be 300 MB more.
+                ((model, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()),
             )
 
     def prune_cache(self, model: str, keep: set[str]) -> int:
