@@ -147,21 +147,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings_from_flags(args, settings)
     # Launched by torchrun / accelerate launch: join their process group (env is their protocol).
     world, rank = init_distributed(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")))
-    request = FinetuneRequest(
-        output=args.output,
-        train_files=list(args.train),
-        eval_file=args.eval,
-        from_kb=args.from_kb,
-        from_conversations=args.from_conversations,
-        max_steps=args.max_steps,
-        resume=args.resume,
-        restart=args.restart,
-        overwrite=args.overwrite,
-        activate=args.activate,
-        evaluate=not args.no_answer_eval,
-        eval_items=args.eval_items,
-        max_minutes=args.max_minutes,
-    )
+    request = FinetuneRequest.from_args(args)
     try:
         result = run_finetune(settings, request, progress_bar=not args.no_progress and sys.stderr.isatty())
     except TrainingInterrupted as exc:

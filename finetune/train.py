@@ -787,6 +787,16 @@ class FinetuneRequest:
     """Stop training after this much training time (evaluation and saving come on top)."""
     refusal_fraction: float = 0.1
 
+    @classmethod
+    def from_args(cls, args: Any) -> FinetuneRequest:
+        """The request that a ``supportbot finetune`` (or console job) command line describes: its
+        parsed arguments of the same names, ``--train``/``--eval`` files and ``--no-answer-eval``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        given["train_files"] = [Path(f) for f in getattr(args, "train", None) or []]
+        given["eval_file"] = getattr(args, "eval", None)
+        return cls(**given, evaluate=not getattr(args, "no_answer_eval", False))
+
 
 @dataclass
 class FinetuneResult:

@@ -446,18 +446,7 @@ def _finetune(args: argparse.Namespace) -> int:
         changes["alpha"] = 2 * args.rank
     if changes:
         settings = settings.replace(finetune=changes)
-    request = FinetuneRequest(
-        output=args.output,
-        from_kb=args.from_kb,
-        from_conversations=args.from_conversations,
-        max_steps=args.max_steps,
-        resume=args.resume,
-        restart=args.restart,
-        overwrite=args.overwrite,
-        activate=args.activate,
-        evaluate=not args.no_answer_eval,
-        **({"eval_items": args.eval_items} if args.eval_items is not None else {}),
-    )
+    request = FinetuneRequest.from_args(args)
     _emit({"event": "phase", "phase": "starting", "pid": os.getpid()})
     try:
         result = run_finetune(settings, request, on_progress=_emit, progress_bar=False)
