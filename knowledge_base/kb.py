@@ -65,6 +65,9 @@ def _lexical_text(entry: FAQEntry) -> str:
 class KnowledgeBase:
     DENSE_FILE = "dense.faiss.npz"
     LEXICAL_FILE = "bm25.json"
+    INDEX_CHUNK = 5_000
+    """Entries embedded and added to the index at a time: an upload of 100,000 entries would
+    otherwise hold all its 200,000 vectors (300 MB) outside the index at once."""
 
     def __init__(
         self, directory: Path, settings: KBSettings, embedder: Embedder, *, progress: Progress | None = None
@@ -135,7 +138,7 @@ class KnowledgeBase:
     def _live_hashes(self) -> set[str]:
         return {text_hash(t) for e in self.store.all() for _, t in self._vector_texts(e)}
 
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Vectors for ``texts``, from the cache where possible; new ones are embedded and cached."""
         hashes = [text_hash(t) for t in texts]
         cached = self.store.cached_vectors(self.embedder.name, hashes)
@@ -143,8 +146,6 @@ class KnowledgeBase:
         self._last_embedded = len(missing)
         if missing:
             by_hash = dict(zip(hashes, texts, strict=True))
-            report = self.progress
-            progress = (lambda d, t: report("embedding", d, t)) if report else None
             vectors = self.embedder.embed(  # batched by length inside
                 [by_hash[h] for h in missing], batch_size=self.settings.embedding_batch_size, progress=progress
             )
@@ -156,18 +157,33 @@ class KnowledgeBase:
         return np.vstack([cached[h] for h in hashes]) if hashes else np.zeros((0, self.embedder.dim), np.float32)
 
     def _index_entries(self, entries: Sequence[FAQEntry]) -> int:
+        """Embed (what the cache lacks) and index ``entries``, ``INDEX_CHUNK`` at a time; returns the
+        number of texts embedded."""
         assert self.dense is not None
-        keys, texts = [], []
-        for entry in entries:
-            for kind, text in self._vector_texts(entry):
-                keys.append(VectorKey(entry.id, kind, text_hash(text)))
-                texts.append(text)
-        self._last_embedded = 0
-        vectors = self._embed(texts)
-        self.dense.add(keys, vectors)
+        texts_of = [self._vector_texts(entry) for entry in entries]
+        total, done, embedded = sum(map(len, texts_of)), 0, 0
+        report = self.progress
+        for start in range(0, len(entries), self.INDEX_CHUNK):
+            keys, texts = [], []
+            chunk = slice(start, start + self.INDEX_CHUNK)
+            for entry, pairs in zip(entries[chunk], texts_of[chunk], strict=True):
+                for kind, text in pairs:
+                    keys.append(VectorKey(entry.id, kind, text_hash(text)))
+                    texts.append(text)
+
+            def progress(d: int, t: int, done: int = done, n: int = len(texts)) -> None:
+                if report:  # the bar counts every text of the upload; cached ones go by at once
+                    report("embedding", done + round(d * n / max(t, 1)), total)
+
+            vectors = self._embed(texts, progress)
+            self.dense.add(keys, vectors)
+            del vectors
+            embedded += self._last_embedded
+            done += len(texts)
         for entry in entries:
             self.lexical.add(entry.id, _lexical_text(entry))
-        return self._last_embedded
+        self._last_embedded = embedded
+        return embedded
 
     def _save(self) -> None:
         assert self.dense is not None

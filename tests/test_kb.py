@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -109,6 +110,19 @@ def test_incremental_updates_rank_exactly_like_a_full_rebuild(kb, faq_file, tmp_
     fresh.reindex()
     assert [_ranking(fresh, q) for q in queries] == incremental
     assert all(entry_id != "ret-1" for ranking in incremental for entry_id, _ in ranking)
+
+
+def test_a_large_upload_is_indexed_in_chunks_exactly_like_at_once(faq_file, tmp_path, embedder, monkeypatch):
+    queries = ["where is my parcel", "apple pay", "return item", "express shipping price"]
+    whole = KnowledgeBase(tmp_path / "whole", KBSettings(), embedder)
+    whole.add_files([faq_file])
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(KnowledgeBase, "INDEX_CHUNK", 1)
+    chunked = KnowledgeBase(tmp_path / "chunked", KBSettings(), embedder, progress=lambda s, d, t: seen.append((d, t)))
+    chunked.add_files([faq_file])
+    assert [_ranking(chunked, q) for q in queries] == [_ranking(whole, q) for q in queries]
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1][0] == seen[-1][1] == len(chunked.dense)
 
 
 def test_indexes_out_of_step_with_sqlite_are_rebuilt_at_open(kb, faq_file, tmp_path, embedder):
@@ -261,6 +275,22 @@ def test_dense_index_round_trips_through_disk(tmp_path):
     loaded, revision, model = DenseIndex.load(tmp_path / "d.npz")
     assert (revision, model, len(loaded)) == (7, "m", 3)
     assert loaded.search(vectors[2], 1)[0][1] == pytest.approx(1.0)
+    assert loaded.search(vectors[2], 1)[0][0] == index.search(vectors[2], 1)[0][0]  # same vector ids
+
+    # Files of the first release held a serialized FAISS index: they still load.
+    meta = np.frombuffer(
+        json.dumps({"revision": 7, "model": "m", "dim": 4, "next": 4, "keys": [[2, "e2", "q", "h2"]]}).encode(),
+        dtype=np.uint8,
+    )
+    old = DenseIndex(4)
+    old.add([VectorKey("x", "q", "h"), VectorKey("x", "q", "h1"), VectorKey("e2", "q", "h2")], vectors[:3])
+    old.remove_entries(["x"])
+    np.savez(tmp_path / "old.npz", index=faiss.serialize_index(old.index), meta=meta)
+    legacy, _, _ = DenseIndex.load(tmp_path / "old.npz")
+    assert legacy.search(vectors[2], 1) == [(2, pytest.approx(1.0))]
+
+    DenseIndex(4).save(tmp_path / "empty.npz", revision=0, model="m")
+    assert len(DenseIndex.load(tmp_path / "empty.npz")[0]) == 0
     assert loaded.keys[loaded.search(vectors[2], 1)[0][0]].entry_id == "e2"
 
 
