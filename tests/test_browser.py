@@ -58,7 +58,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 PASSWORD = "browser-test-password"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
-GENERATED_QUESTION = "which ways can I pay"  # the fake embedder puts it in the middle band: generated
+GENERATED_QUESTION = "how can I pay"  # the fake embedder puts it in the middle band: generated
 CLARIFY_QUESTION = "how do I follow my parcel online"  # two close candidates: "did you mean"
 UNANSWERABLE = "What's the weather on Mars?"
 
