@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from knowledge_base.index import tokenize
 
-__all__ = ["grounding_score", "is_refusal", "leaks"]
+__all__ = ["grounding_score", "is_refusal", "leaks", "shingles"]
 
 _REFUSAL = re.compile(r"\b(i don'?t know|i do not know|i'?m not sure|cannot answer|can'?t answer)\b", re.I)
 
@@ -35,7 +35,8 @@ def is_refusal(answer: str) -> bool:
     return not answer.strip() or bool(_REFUSAL.search(answer[:200]))
 
 
-def _shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:
+def shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive lower-cased words: shared runs mean copied text."""
     words = re.findall(r"\w+", text.lower())
     return {tuple(words[i : i + n]) for i in range(max(len(words) - n + 1, 0))}
 
@@ -46,6 +47,6 @@ def leaks(answer: str, *, system_prompt: str, secrets: Iterable[str] = ()) -> st
     for secret in secrets:
         if secret and len(secret) >= 6 and secret.lower() in lowered:
             return "secret"
-    if _shingles(answer) & _shingles(system_prompt):
+    if shingles(answer) & shingles(system_prompt):
         return "system prompt"
     return None

@@ -229,8 +229,7 @@ class RateLimiter:
             return 0.0
         now = self.clock()
         with self._lock:
-            tokens, stamp = self._buckets.get(client, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
+            tokens = self._tokens(client, now)
             if tokens >= 1.0:
                 self._buckets[client] = (tokens - 1.0, now)
                 wait = 0.0
@@ -247,9 +246,13 @@ class RateLimiter:
             return 0.0
         now = self.clock()
         with self._lock:
-            tokens, stamp = self._buckets.get(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
+            tokens = self._tokens(client, now)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def _tokens(self, client: str, now: float) -> float:
+        """The tokens ``client`` has at ``now``: its bucket refilled since it last changed (hold the lock)."""
+        tokens, stamp = self._buckets.get(client, (self.capacity, now))
+        return min(self.capacity, tokens + (now - stamp) * self.rate)
 
     def _prune(self, now: float) -> None:
         full_after = self.capacity / self.rate
