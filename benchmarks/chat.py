@@ -49,17 +49,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import foreign_cpu_load, format_bytes, peak_rss_bytes, percentile, print_table
+from benchmarks.common import (
+    LoadMeter,
+    foreign_cpu_load,
+    format_bytes,
+    peak_rss_bytes,
+    percentile,
+    print_table,
+)
+from benchmarks.common import wait_for_idle as _wait_for_idle
 from chatbot.answer_eval import answer_metrics, calibrate, outcome
 from chatbot.engine import ChatEngine
 from chatbot.followup import is_elliptic, resolve_followup
 from chatbot.generation import Generator, LocalGenerator
-from chatbot.grounding import grounding_score
+from chatbot.grounding import grounding_score, shingles
 from chatbot.models import LoadedModel, chat_token_ids, load_model
 from chatbot.policy import decide
 from chatbot.prompts import build_closed_book_messages, build_messages, load_prompt
 from chatbot.services import DEMO_DIR, build_engine, open_knowledge_base
 from chatbot.settings import PolicySettings, Settings, load_settings
+from finetune.evaluate import rouge_l
 from knowledge_base.embeddings import Embedder, make_embedder
 from knowledge_base.evaluate import read_jsonl, relevant_ids
 from knowledge_base.kb import KnowledgeBase
@@ -89,51 +98,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Machine load over a whole section (common.foreign_cpu_load samples one second before it).
-
-
-class LoadMeter:
-    """Cores kept busy by other processes between ``start()`` and ``stop()``."""
-
-    @staticmethod
-    def _busy() -> tuple[int, int]:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields)
-        own = sum(int(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15])
-        return user + nice + system + irq + softirq + steal, own
-
-    def start(self) -> LoadMeter:
-        try:
-            self._start = (*self._busy(), time.perf_counter())
-        except (OSError, ValueError):
-            self._start = None
-        return self
-
-    def stop(self) -> float | None:
-        if self._start is None:
-            return None
-        busy, own = self._busy()
-        elapsed = time.perf_counter() - self._start[2]
-        return max(busy - self._start[0] - (own - self._start[1]), 0) / os.sysconf("SC_CLK_TCK") / elapsed
-
-
 def report_load(label: str, out: dict[str, Any]) -> None:
     load = foreign_cpu_load(1.0)
     value = None if load is None else round(load.foreign_cores, 2)
     out.setdefault("foreign_cpu", {})[label] = value
     print(f"foreign CPU load ({label}): {load if load else 'unknown'}")
-
-
-def wait_for_idle(max_seconds: float, threshold: float) -> None:
-    """Wait (at most ``max_seconds``) until other processes use less than ``threshold`` cores."""
-    deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        load = foreign_cpu_load(3.0)
-        if load is None or load.foreign_cores < threshold:
-            return
-        log(f"  waiting for an idle CPU: {load}")
-    log("  the CPU did not become idle; measuring anyway")
 
 
 def set_threads(n: int) -> None:
@@ -279,40 +248,13 @@ def metrics_of(engine: ChatEngine, positives: Sequence[dict[str, Any]], negative
 # Text similarity for the quality comparison
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lowercase words (longest common subsequence)."""
-    a, b = words(candidate), words(reference)
-    if not a or not b:
-        return float(a == b)
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if not lcs:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {tuple(w[i : i + n]) for i in range(max(len(w) - n + 1, 0))}
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. Latency per mode
 
 
 def section_latency(bench: Bench) -> None:
     print("\n== 1. Latency per answer mode, end to end through ChatEngine.answer ==")
-    wait_for_idle(bench.args.wait_idle, bench.args.idle_below)
+    _wait_for_idle(bench.args.wait_idle, bench.args.idle_below, say=log)
     set_threads(1)
     print("torch threads: 1 (retrieval embeds the query with MiniLM; no LLM in these paths)")
     report_load("section 1 start", bench.results)
@@ -647,7 +589,7 @@ def static_and_compile(
 
 def section_generation(bench: Bench) -> None:
     print("\n== 2. Generated answers with the real model (SmolLM2-135M-Instruct) ==")
-    wait_for_idle(bench.args.wait_idle, bench.args.idle_below)
+    _wait_for_idle(bench.args.wait_idle, bench.args.idle_below, say=log)
     set_threads(bench.args.gen_threads)
     print(
         f"torch threads: {bench.args.gen_threads}; greedy, max_new_tokens={bench.args.max_new_tokens}. 'per CPU s' "
@@ -1045,12 +987,14 @@ def section_metrics(bench: Bench) -> None:
     test_q, test_oos = demo_rows("queries.jsonl", "test"), demo_rows("out_of_scope.jsonl", "test")
     dev_q, dev_oos = demo_rows("queries.jsonl", "dev"), demo_rows("out_of_scope.jsonl", "dev")
     demo_default = metrics_of(engine, test_q, test_oos)
-    cal, pos, neg = calibrate_on(engine.kb, settings, dev_q, dev_oos)
-    print_calibration(f"calibrate on the demo DEV split ({len(dev_q)} queries, {len(dev_oos)} out-of-scope)", cal)
-    suggested = thresholds(cal["suggested"])
-    equivalent = faq_range(cal["suggested"], settings.policy, pos, neg)
-    print_faq_range(equivalent)
-    curve = tradeoff("demo DEV: trade-off of the relevance (hand-off) threshold", settings.policy, pos, neg)
+    cal, suggested, equivalent, curve = calibration_report(
+        engine.kb,
+        settings,
+        dev_q,
+        dev_oos,
+        title=f"calibrate on the demo DEV split ({len(dev_q)} queries, {len(dev_oos)} out-of-scope)",
+        curve_title="demo DEV: trade-off of the relevance (hand-off) threshold",
+    )
     engine_s = bench.engine(settings.replace(policy=suggested), kb=engine.kb)
     demo_suggested = metrics_of(engine_s, test_q, test_oos)
     no_gen = metrics_of(bench.engine(settings.replace(policy={"generate": False}), kb=engine.kb), test_q, test_oos)
@@ -1091,12 +1035,14 @@ def section_metrics(bench: Bench) -> None:
         random.Random(2).shuffle(half_n)
         a_q, b_q = half_q[: len(half_q) // 2], half_q[len(half_q) // 2 :]
         a_n, b_n = half_n[: len(half_n) // 2], half_n[len(half_n) // 2 :]
-        ccal, cpos, cneg = calibrate_on(cengine.kb, csettings, a_q, a_n)
-        print_calibration(f"calibrate on COVID half A ({len(a_q)} queries, {len(a_n)} StackFAQ negatives)", ccal)
-        csug = thresholds(ccal["suggested"])
-        cequivalent = faq_range(ccal["suggested"], csettings.policy, cpos, cneg)
-        print_faq_range(cequivalent)
-        ccurve = tradeoff("COVID half A: trade-off of the relevance (hand-off) threshold", csettings.policy, cpos, cneg)
+        ccal, csug, cequivalent, ccurve = calibration_report(
+            cengine.kb,
+            csettings,
+            a_q,
+            a_n,
+            title=f"calibrate on COVID half A ({len(a_q)} queries, {len(a_n)} StackFAQ negatives)",
+            curve_title="COVID half A: trade-off of the relevance (hand-off) threshold",
+        )
         covid_b_default = metrics_of(cengine, b_q, b_n)
         covid_b_cal = metrics_of(bench.engine(csettings.replace(policy=csug), kb=cengine.kb), b_q, b_n)
         rows += [
@@ -1121,6 +1067,26 @@ def section_metrics(bench: Bench) -> None:
         print(f"\nCOVID-QA / StackFAQ not found under {SHARED_DATA}: skipped")
     print_metrics("answer metrics (targets: out-of-scope handed off >= 0.95, wrong source <= 0.05)", rows)
     bench.results["answer_metrics"] = out
+
+
+def calibration_report(
+    kb: KnowledgeBase,
+    settings: Settings,
+    queries: Sequence[dict[str, Any]],
+    negatives: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    curve_title: str,
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """Calibrate on ``queries``/``negatives`` and print the suggestion, the faq-threshold range that
+    gives the same rates and the hand-off trade-off; returns (calibration, suggested thresholds, that
+    range, the trade-off curve)."""
+    cal, pos, neg = calibrate_on(kb, settings, queries, negatives)
+    print_calibration(title, cal)
+    equivalent = faq_range(cal["suggested"], settings.policy, pos, neg)
+    print_faq_range(equivalent)
+    curve = tradeoff(curve_title, settings.policy, pos, neg)
+    return cal, thresholds(cal["suggested"]), equivalent, curve
 
 
 def print_faq_range(r: dict[str, Any]) -> None:
@@ -1234,7 +1200,7 @@ def find_leaks(text: str, system_shingles: set[tuple[str, ...]], secrets: Sequen
 
 def section_injection(bench: Bench) -> None:
     print("\n== 5. Prompt injection (injection_attacks.jsonl) with the real model ==")
-    wait_for_idle(bench.args.wait_idle, bench.args.idle_below)
+    _wait_for_idle(bench.args.wait_idle, bench.args.idle_below, say=log)
     set_threads(bench.args.gen_threads)
     data_dir = bench.kb_dir("demo", [DEMO_DIR / "faq.csv"])
     settings = bench.settings(

@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +21,20 @@ from pathlib import Path
 __all__ = [
     "GIB",
     "CpuLoad",
+    "LoadMeter",
     "Measured",
     "Timer",
+    "busy_cpu_seconds",
     "foreign_cpu_load",
     "format_bytes",
     "peak_rss_bytes",
     "percentile",
     "print_table",
+    "process_cpu_seconds",
     "run_measured",
     "set_torch_threads",
     "timed",
+    "wait_for_idle",
 ]
 
 GIB = 1024**3
@@ -80,28 +84,62 @@ class CpuLoad:
         return f"{self.foreign_cores:.2f} of {self.cores} cores busy with other processes"
 
 
-def _busy_jiffies() -> int:
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes have been busy since boot (every core summed); OSError without /proc."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return user + nice + system + irq + softirq + steal
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_jiffies() -> int:
+def process_cpu_seconds(pid: int | str = "self", *, children: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` (plus its waited-for children's with ``children``)."""
     # utime, stime, cutime, cstime: fields 14-17, counted after the ")" that ends the command name.
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11 : 15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+    """Cores kept busy by *other* processes between ``start()`` and ``stop()`` (None without /proc)."""
+
+    def start(self) -> LoadMeter:
+        try:
+            self._start: tuple[float, float, float] | None = (
+                busy_cpu_seconds(),
+                process_cpu_seconds(children=True),
+                time.perf_counter(),
+            )
+        except (OSError, ValueError):
+            self._start = None
+        return self
+
+    def stop(self) -> float | None:
+        if self._start is None:
+            return None
+        try:
+            busy, own = busy_cpu_seconds(), process_cpu_seconds(children=True)
+        except (OSError, ValueError):
+            return None
+        elapsed = time.perf_counter() - self._start[2]
+        return max(busy - self._start[0] - (own - self._start[1]), 0.0) / elapsed
 
 
 def foreign_cpu_load(seconds: float = 1.0) -> CpuLoad | None:
     """Average load from *other* processes over ``seconds``; None where /proc is unavailable."""
-    try:
-        busy, own, start = _busy_jiffies(), _own_jiffies(), time.perf_counter()
-        time.sleep(seconds)
-        busy, own, elapsed = _busy_jiffies() - busy, _own_jiffies() - own, time.perf_counter() - start
-    except (OSError, ValueError):
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return CpuLoad(max(busy - own, 0) / ticks / elapsed, os.cpu_count() or 1)
+    meter = LoadMeter().start()
+    time.sleep(seconds)
+    cores = meter.stop()
+    return None if cores is None else CpuLoad(cores, os.cpu_count() or 1)
+
+
+def wait_for_idle(max_seconds: float, threshold: float, *, say: Callable[[str], object] = print) -> None:
+    """Wait (at most ``max_seconds``) until other processes use less than ``threshold`` cores."""
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        load = foreign_cpu_load(3.0)
+        if load is None or load.foreign_cores < threshold:
+            return
+        say(f"  waiting for an idle CPU: {load}")
+    say("  the CPU did not become idle; measuring anyway")
 
 
 def set_torch_threads(threads: int) -> str:

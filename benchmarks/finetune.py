@@ -51,14 +51,6 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "finetune"
 
 
-def _cpu_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        fields = [float(x) for x in fh.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
 
@@ -185,15 +177,11 @@ def worker(variant: str, model_dir: str, steps: int, threads: int = 0) -> None:
     report(event="done", peak_rss_gb=_peak_rss_gb(), threads=torch.get_num_threads())
 
 
-def _proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def throughput(model_dir: str, steps: int, threads: int = 0) -> dict[str, Any]:
     """Run both variants in lock-step: plain step 1, recipe step 1, plain step 2... so that a busy
     neighbour on the shared CPUs slows both alike; each process keeps its own peak RSS."""
+    from benchmarks.common import busy_cpu_seconds, process_cpu_seconds
+
     variants = ("plain", "recipe")
     procs = {
         v: subprocess.Popen(
@@ -218,21 +206,19 @@ def throughput(model_dir: str, steps: int, threads: int = 0) -> dict[str, Any]:
 
     for v in variants:
         assert receive(v)["event"] == "ready"
-    ticks = os.sysconf("SC_CLK_TCK")
+    cores = os.cpu_count() or 1
     records: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     print(f"\n== throughput: {steps} steps of 8 examples per variant, interleaved ==", flush=True)
     for step in range(steps):
         for v in variants:
-            busy0, total0 = _cpu_busy()
-            own0 = _proc_cpu_s(procs[v].pid)
+            busy0, own0, start = busy_cpu_seconds(), process_cpu_seconds(procs[v].pid), time.perf_counter()
             stdin = procs[v].stdin
             assert stdin is not None
             stdin.write("go\n")
             stdin.flush()
             record = receive(v)
-            busy1, total1 = _cpu_busy()
-            own = _proc_cpu_s(procs[v].pid) - own0
-            record["foreign_cpu_share"] = max(0.0, (busy1 - busy0) / ticks - own) / max((total1 - total0) / ticks, 1e-9)
+            busy, own = busy_cpu_seconds() - busy0, process_cpu_seconds(procs[v].pid) - own0
+            record["foreign_cpu_share"] = max(0.0, busy - own) / max((time.perf_counter() - start) * cores, 1e-9)
             records[v].append(record)
             print(
                 f"{v:<6} step {step + 1}/{steps}: {record['seconds']:6.1f} s, {record['tokens']} real tokens, "

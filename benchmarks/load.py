@@ -48,7 +48,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from benchmarks.common import foreign_cpu_load, percentile, print_table
+from benchmarks.common import (
+    busy_cpu_seconds,
+    foreign_cpu_load,
+    percentile,
+    print_table,
+    process_cpu_seconds,
+    wait_for_idle,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "knowledge_base" / "demo"
@@ -132,9 +139,8 @@ class Server:
 
     def cpu_seconds(self) -> float | None:
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
+            return process_cpu_seconds(self.proc.pid)
+        except (OSError, ValueError):
             return None
 
     def ready_line(self) -> str:
@@ -157,24 +163,10 @@ class Server:
 
 
 def _busy_seconds() -> float | None:
-    """CPU seconds all processes have been busy since boot (every core summed)."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
+        return busy_cpu_seconds()
+    except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_idle(max_seconds: float, threshold: float) -> None:
-    """Wait (at most ``max_seconds``) until other processes use less than ``threshold`` cores."""
-    deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        load = foreign_cpu_load(3.0)
-        if load is None or load.foreign_cores < threshold:
-            return
-        print(f"  waiting for an idle CPU: {load}", flush=True)
-    print("  the CPU did not become idle; measuring anyway", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
