@@ -138,12 +138,13 @@ class KnowledgeBase:
     def _live_hashes(self) -> set[str]:
         return {text_hash(t) for e in self.store.all() for _, t in self._vector_texts(e)}
 
-    def _embed(self, texts: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Vectors for ``texts``, from the cache where possible; new ones are embedded and cached."""
-        hashes = [text_hash(t) for t in texts]
+    def _embed(
+        self, hashes: Sequence[str], texts: Sequence[str], progress: Callable[[int, int], None] | None = None
+    ) -> tuple[np.ndarray, int]:
+        """(vectors for ``texts``, how many were embedded): from the cache where possible, new ones
+        embedded and cached. ``hashes`` are the texts' `text_hash` values."""
         cached = self.store.cached_vectors(self.embedder.name, hashes)
         missing = list(dict.fromkeys(h for h in hashes if h not in cached))
-        self._last_embedded = len(missing)
         if missing:
             by_hash = dict(zip(hashes, texts, strict=True))
             vectors = self.embedder.embed(  # batched by length inside
@@ -152,9 +153,11 @@ class KnowledgeBase:
             fresh = dict(zip(missing, vectors, strict=True))
             self.store.cache_vectors(self.embedder.name, fresh)
             if len(missing) == len(hashes):  # nothing cached, no repeats: already in order, no second copy
-                return vectors
+                return vectors, len(missing)
             cached.update(fresh)
-        return np.vstack([cached[h] for h in hashes]) if hashes else np.zeros((0, self.embedder.dim), np.float32)
+        if not hashes:
+            return np.zeros((0, self.embedder.dim), np.float32), 0
+        return np.vstack([cached[h] for h in hashes]), len(missing)
 
     def _index_entries(self, entries: Sequence[FAQEntry]) -> int:
         """Embed (what the cache lacks) and index ``entries``, ``INDEX_CHUNK`` at a time; returns the
@@ -175,14 +178,13 @@ class KnowledgeBase:
                 if report:  # the bar counts every text of the upload; cached ones go by at once
                     report("embedding", done + round(d * n / max(t, 1)), total)
 
-            vectors = self._embed(texts, progress)
+            vectors, n_embedded = self._embed([k.text_hash for k in keys], texts, progress)
             self.dense.add(keys, vectors)
             del vectors
-            embedded += self._last_embedded
+            embedded += n_embedded
             done += len(texts)
         for entry in entries:
             self.lexical.add(entry.id, _lexical_text(entry))
-        self._last_embedded = embedded
         return embedded
 
     def _save(self) -> None:
