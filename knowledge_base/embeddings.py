@@ -153,14 +153,15 @@ def _pooling_of(folder: Path) -> str | None:
 
 
 class MeanPoolingEmbedder(Embedder):
-    """A sentence-transformers folder (transformer + mean or CLS pooling) run with transformers
-    alone; loaded lazily on first use (thread-safe). Same ``name`` as `SentenceTransformerEmbedder`
+    """A sentence-transformers folder (transformer + ``pooling``: "mean" or "cls", as
+    `make_embedder` reads it from the folder) run with transformers alone; loaded lazily on first use (thread-safe). Same ``name`` as `SentenceTransformerEmbedder`
     for the model, since the vectors are the same (the embedding cache stays valid)."""
 
-    def __init__(self, folder: Path, *, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> None:
-        self.folder, self.device = folder, device
+    def __init__(
+        self, folder: Path, *, pooling: str = "mean", model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu"
+    ) -> None:
+        self.folder, self.pooling, self.device = folder, pooling, device
         self.name = f"st:{model}"
-        self.pooling = _pooling_of(folder) or "mean"
         try:
             config = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -212,6 +213,7 @@ def make_embedder(settings: KBSettings) -> Embedder:
     (the bundled default included), else `SentenceTransformerEmbedder`."""
     model = settings.embedding_model
     folder = default_embedding_path() if model == DEFAULT_EMBEDDING_MODEL else Path(model)
-    if folder.is_dir() and _pooling_of(folder):
-        return MeanPoolingEmbedder(folder, model=model, device=settings.embedding_device)
+    pooling = _pooling_of(folder) if folder.is_dir() else None
+    if pooling:
+        return MeanPoolingEmbedder(folder, pooling=pooling, model=model, device=settings.embedding_device)
     return SentenceTransformerEmbedder(model, device=settings.embedding_device)
