@@ -495,12 +495,16 @@ class TrainResult:
     checkpoint: Path | None
     peak_rss_mb: float
     loss_mode: str = "sliced"
-    stopped_early: bool = False
-    """True when ``time_limit_s`` ended the run before ``total_steps``."""
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when ``time_limit_s`` ended the run before ``total_steps`` (Ctrl-C raises instead)."""
+        return self.steps < self.total_steps
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        out["stopped_early"] = self.stopped_early
         return out
 
 
@@ -657,7 +661,6 @@ def fit(
     session_tokens, session_start, paused = 0, time.perf_counter(), 0.0
     resume_rng = _rng_state()  # the RNG state at the start of the next step to run
     saved_step = state.step if resume else -1
-    stopped_early = False
 
     def session_seconds() -> float:
         return time.perf_counter() - session_start - paused
@@ -728,7 +731,6 @@ def fit(
             # Stop before a step that would overrun the budget (judged by this session's mean step).
             mean_step_s = session_s / (state.step - resumed_from)
             if time_limit_s is not None and state.step < total_steps and info["elapsed_s"] + mean_step_s > time_limit_s:
-                stopped_early = True
                 break
     except KeyboardInterrupt:
         bar.close()
@@ -755,7 +757,6 @@ def fit(
         checkpoint=checkpoint_path,
         peak_rss_mb=_peak_rss_mb(),
         loss_mode=loss_mode,
-        stopped_early=stopped_early,
     )
 
 
