@@ -242,7 +242,6 @@ class LexicalIndex:
     def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
         self.docs: dict[str, Counter[str]] = {}
-        self.lengths: dict[str, int] = {}
         self.postings: dict[str, dict[str, int]] = {}
         self.total_length = 0
         self._rows: dict[str, int] = {}
@@ -260,8 +259,8 @@ class LexicalIndex:
 
     def _add_counts(self, entry_id: str, terms: Counter[str]) -> None:
         self.docs[entry_id] = terms
-        self.lengths[entry_id] = sum(terms.values())
-        self.total_length += self.lengths[entry_id]
+        length = sum(terms.values())
+        self.total_length += length
         row = self._free.pop() if self._free else len(self._ids)
         if row == len(self._ids):
             self._ids.append(entry_id)
@@ -270,7 +269,7 @@ class LexicalIndex:
         else:
             self._ids[row] = entry_id
         self._rows[entry_id] = row
-        self._row_lengths[row] = self.lengths[entry_id]
+        self._row_lengths[row] = length  # the entry's length in terms, by row
         for term, tf in terms.items():
             self.postings.setdefault(term, {})[entry_id] = tf
             self._arrays.pop(term, None)
@@ -279,8 +278,8 @@ class LexicalIndex:
         terms = self.docs.pop(entry_id, None)
         if terms is None:
             return
-        self.total_length -= self.lengths.pop(entry_id)
         row = self._rows.pop(entry_id)
+        self.total_length -= int(self._row_lengths[row])
         self._ids[row] = None
         self._free.append(row)
         for term in terms:
