@@ -13,7 +13,9 @@ and the retriever's scores assume).
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -53,6 +55,18 @@ class Embedder(ABC):
             dim = int(self.embed_batch(["dimension probe"]).shape[1])
             self._dim = dim
         return dim
+
+    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (whole texts where shorter).
+
+        The knowledge base embeds the cut text, so the embedding cache is keyed by what the model
+        saw. This default counts whitespace-separated words; embedders with a tokenizer count its
+        tokens."""
+        out = []
+        for text in texts:
+            words = list(itertools.islice(re.finditer(r"\S+", text), max_tokens + 1))
+            out.append(text[: words[max_tokens - 1].end()] if len(words) > max_tokens else text)
+        return out
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
         """Embed any number of texts in batches, reporting ``progress(done, total)``.
@@ -117,12 +131,40 @@ class SentenceTransformerEmbedder(Embedder):
                     ) from exc
             return self._model
 
+    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        tokenizer = getattr(self._load(), "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+            return super().truncate(texts, max_tokens)
+        return _truncate_tokens(tokenizer, texts, max_tokens)
+
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
         vectors = model.encode(
             list(texts), batch_size=max(len(texts), 1), normalize_embeddings=True, convert_to_numpy=True
         )
         return np.asarray(vectors, dtype=np.float32)
+
+
+def _truncate_tokens(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """``texts`` cut after ``max_tokens`` tokens of ``tokenizer`` (a fast one: character offsets).
+
+    Only texts longer than ``max_tokens`` characters can be longer than that in tokens, so short
+    ones are not tokenized at all."""
+    out = list(texts)
+    long = [i for i, text in enumerate(texts) if len(text) > max_tokens]
+    if not long:
+        return out
+    encoded = tokenizer(
+        [texts[i] for i in long],
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_tokens,
+        return_offsets_mapping=True,
+    )
+    for i, offsets in zip(long, encoded["offset_mapping"], strict=True):
+        if offsets:
+            out[i] = texts[i][: offsets[-1][1]]
+    return out
 
 
 def _resolve_device(device: str) -> str:
@@ -189,6 +231,12 @@ class MeanPoolingEmbedder(Embedder):
                     ) from exc
                 self._parts = (tokenizer, model, device)
             return self._parts
+
+    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        tokenizer = self._load()[0]
+        if not getattr(tokenizer, "is_fast", False):
+            return super().truncate(texts, max_tokens)
+        return _truncate_tokens(tokenizer, texts, max_tokens)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         import torch

@@ -88,11 +88,24 @@ class KnowledgeBase:
         self._open_indexes()
 
     # -- opening and rebuilding -----------------------------------------------------------------
-    def _vector_texts(self, entry: FAQEntry) -> list[tuple[str, str]]:
-        texts = [("q", q) for q in dict.fromkeys(entry.questions)]
+    def _vector_texts(self, entries: Sequence[FAQEntry]) -> list[list[tuple[str, str]]]:
+        """Per entry, the (kind, text) pairs it has vectors for: "q" for each question phrasing,
+        "a" for question + answer (cut to ``kb.answer_tokens`` tokens) unless ``answer_weight`` is 0."""
+        texts = [[("q", q) for q in dict.fromkeys(entry.questions)] for entry in entries]
         if self.settings.answer_weight > 0:
-            texts.append(("a", f"{entry.question}\n{entry.answer}"))
+            whole = [f"{entry.question}\n{entry.answer}" for entry in entries]
+            if self.settings.answer_tokens:
+                whole = self.embedder.truncate(whole, self.settings.answer_tokens)
+            for pairs, text in zip(texts, whole, strict=True):
+                pairs.append(("a", text))
         return texts
+
+    @property
+    def _vector_recipe(self) -> str:
+        """What the dense index's vectors are, saved with it: a different model or answer text
+        (after a settings change) makes the index out of date, and it is rebuilt from the cache."""
+        answers = f"{self.settings.answer_tokens or 'all'} tokens" if self.settings.answer_weight > 0 else "none"
+        return f"{self.embedder.name}; answers: {answers}"
 
     def _open_indexes(self) -> None:
         revision = self.store.revision
@@ -101,7 +114,7 @@ class KnowledgeBase:
         reason = ""
         try:
             dense, dense_rev, model = DenseIndex.load(dense_path)
-            if dense_rev != revision or model != self.embedder.name or dense.entry_ids() != set(self._entries):
+            if dense_rev != revision or model != self._vector_recipe or dense.entry_ids() != set(self._entries):
                 reason = "dense index is out of date"
             else:
                 self.dense = dense
@@ -136,7 +149,7 @@ class KnowledgeBase:
             return {"entries": len(self._entries), "vectors": len(self.dense), "embedded": embedded}
 
     def _live_hashes(self) -> set[str]:
-        return {text_hash(t) for e in self.store.all() for _, t in self._vector_texts(e)}
+        return {text_hash(t) for pairs in self._vector_texts(self.store.all()) for _, t in pairs}
 
     def _embed(
         self, hashes: Sequence[str], texts: Sequence[str], progress: Callable[[int, int], None] | None = None
@@ -163,7 +176,7 @@ class KnowledgeBase:
         """Embed (what the cache lacks) and index ``entries``, ``INDEX_CHUNK`` at a time; returns the
         number of texts embedded."""
         assert self.dense is not None
-        texts_of = [self._vector_texts(entry) for entry in entries]
+        texts_of = self._vector_texts(entries)
         total, done, embedded = sum(map(len, texts_of)), 0, 0
         report = self.progress
         for start in range(0, len(entries), self.INDEX_CHUNK):
@@ -190,7 +203,7 @@ class KnowledgeBase:
     def _save(self) -> None:
         assert self.dense is not None
         revision = self.store.revision
-        self.dense.save(self.directory / self.DENSE_FILE, revision=revision, model=self.embedder.name)
+        self.dense.save(self.directory / self.DENSE_FILE, revision=revision, model=self._vector_recipe)
         self.lexical.save(self.directory / self.LEXICAL_FILE, revision=revision)
 
     def _save_soon(self, delay: float = 0.5) -> None:

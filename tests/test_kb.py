@@ -8,6 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import HashingEmbedder
 
 from knowledge_base.entry import FAQEntry
 from knowledge_base.errors import IngestError, NotFoundError
@@ -135,6 +136,49 @@ def test_indexes_out_of_step_with_sqlite_are_rebuilt_at_open(kb, faq_file, tmp_p
     reopened = KnowledgeBase(tmp_path / "kb", KBSettings(), embedder)
     assert reopened.search("how long is delivery", 1)[0].entry.answer.startswith("Standard shipping takes 2-5")
     assert [e for e, _ in _ranking(reopened, "how long is delivery")] == [e for e, _ in expected]
+
+
+class RecordingEmbedder(HashingEmbedder):
+    """The fake embedder, remembering every text it embedded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def embed_batch(self, texts):
+        self.seen.extend(texts)
+        return super().embed_batch(texts)
+
+
+def test_the_whole_entry_vector_embeds_only_the_first_answer_tokens(tmp_path):
+    recorder = RecordingEmbedder()
+    kb = KnowledgeBase(tmp_path / "kb", KBSettings(answer_tokens=12), recorder)
+    long_answer = "Returns are free within 30 days.\n" + " ".join(f"clause{i}" for i in range(200))
+    kb.upsert([FAQEntry("ret", "How do I return an item?", long_answer), FAQEntry("pay", "Do you take cash?", "No.")])
+    # The fake embedder counts words: question (6) + the answer's first 6 words, newline kept.
+    assert "How do I return an item?\nReturns are free within 30 days." in recorder.seen
+    assert "Do you take cash?\nNo." in recorder.seen  # shorter than the limit: whole
+    assert not any("clause0" in text for text in recorder.seen)
+    assert kb.search("return an item", 1)[0].entry.answer == long_answer  # the answer itself is whole
+
+
+def test_changing_answer_tokens_rebuilds_the_dense_index_re_embedding_only_the_answers(tmp_path, faq_file):
+    first = RecordingEmbedder()
+    KnowledgeBase(tmp_path / "kb", KBSettings(answer_tokens=8), first).add_files([faq_file])
+    again = RecordingEmbedder()
+    KnowledgeBase(tmp_path / "kb", KBSettings(answer_tokens=8), again)
+    assert again.seen == []  # same recipe: the saved index is used as it is
+    changed = RecordingEmbedder()
+    reopened = KnowledgeBase(tmp_path / "kb", KBSettings(answer_tokens=0), changed)
+    assert sorted(changed.seen) == sorted(f"{e.question}\n{e.answer}" for e in reopened.store.all())
+    assert reopened.search("express shipping cost", 1)[0].entry.id == "ship-2"
+
+
+def test_default_truncation_counts_words_and_keeps_the_text_as_written():
+    embedder = HashingEmbedder()
+    text = "Where  is\nmy parcel?  It ships today."
+    assert embedder.truncate([text, "short"], 3) == ["Where  is\nmy", "short"]
+    assert embedder.truncate([text], 7) == [text]
 
 
 def test_a_damaged_index_file_is_rebuilt_not_trusted(kb, faq_file, tmp_path, embedder):
@@ -364,6 +408,11 @@ def test_the_default_embedder_gives_sentence_transformers_vectors_without_it():
     ours = make_embedder(KBSettings())
     assert isinstance(ours, MeanPoolingEmbedder) and ours.name == SentenceTransformerEmbedder().name
     assert np.allclose(ours.embed(texts), SentenceTransformerEmbedder().embed(texts), atol=1e-5)
+    cut = ours.truncate(texts, 8)
+    assert cut[:2] == texts[:2] and texts[2].startswith(cut[2])  # a prefix, as written
+    tokenizer = ours._load()[0]
+    assert len(tokenizer(cut[2], add_special_tokens=False)["input_ids"]) == 8
+    assert SentenceTransformerEmbedder().truncate(texts, 8) == cut
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ def test_every_problem_is_reported_at_once_with_key_and_fix(tmp_path):
         "SUPPORTBOT_MODEL_DEVCE": "cpu",
         "SUPPORTBOT_POLICY_FAQ_THRESHOLD": "1.5",
         "SUPPORTBOT_MODEL_BACKEND": "openai",
+        "SUPPORTBOT_KB_ANSWER_TOKENS": "3",
     }
     with pytest.raises(ConfigError) as err:
         load_settings(env=env, overrides={"server.port": "99999", "model.dtype": "int3"})
@@ -55,9 +56,10 @@ def test_every_problem_is_reported_at_once_with_key_and_fix(tmp_path):
         "model.openai_base_url",
         "server.port",
         "'int3' is not one of",
+        "kb.answer_tokens",
     ):
         assert fragment in text
-    assert len(err.value.problems) == 6
+    assert len(err.value.problems) == 7
 
 
 def test_a_broken_toml_file_names_the_file(tmp_path):
