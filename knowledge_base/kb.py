@@ -24,6 +24,7 @@ from knowledge_base.export import export_entries
 from knowledge_base.index import DenseIndex, LexicalIndex, VectorKey
 from knowledge_base.loaders import load_faq_bytes, load_faq_file
 from knowledge_base.retriever import SearchHit, rank
+from knowledge_base.rwlock import ReadWriteLock
 from knowledge_base.settings import KBSettings
 from knowledge_base.store import EntryStore, UpsertReport
 
@@ -78,7 +79,8 @@ class KnowledgeBase:
         self.progress = progress
         directory.mkdir(parents=True, exist_ok=True)
         self.store = EntryStore(directory / "kb.sqlite3")
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()  # searches and index saves read; edits write
+        self._save_lock = threading.Lock()  # the save timer and the dirty flag, among savers
         self._entries: dict[str, FAQEntry] = {}
         self._save_timer: threading.Timer | None = None
         self._dirty = False
@@ -139,7 +141,7 @@ class KnowledgeBase:
 
     def reindex(self) -> dict[str, int]:
         """Rebuild both indexes from SQLite (cached vectors are reused; only new texts are embedded)."""
-        with self._lock:
+        with self._lock.writing():
             self._entries = {e.id: e for e in self.store.all(enabled_only=True)}
             self.dense = DenseIndex(self.embedder.dim)
             self.lexical = LexicalIndex()
@@ -214,7 +216,7 @@ class KnowledgeBase:
         the save leaves files stamped with an older revision, which the next open rebuilds from the
         cached vectors (no re-embedding).
         """
-        with self._lock:
+        with self._save_lock:
             if self._save_timer is not None:
                 self._save_timer.cancel()
             self._save_timer = threading.Timer(delay, self.flush)
@@ -222,8 +224,8 @@ class KnowledgeBase:
             self._save_timer.start()
 
     def flush(self) -> None:
-        """Write any pending index changes to disk now."""
-        with self._lock:
+        """Write any pending index changes to disk now (searches go on meanwhile; edits wait)."""
+        with self._lock.reading(), self._save_lock:
             if self._save_timer is not None:
                 self._save_timer.cancel()
                 self._save_timer = None
@@ -271,7 +273,7 @@ class KnowledgeBase:
         if not query:
             return []
         vector = self.embedder.embed_batch([query])[0] if mode != "bm25" else np.zeros(self.embedder.dim, np.float32)
-        with self._lock:
+        with self._lock.reading():
             assert self.dense is not None
             allowed = {i for i, e in self._entries.items() if e.category == category} if category else None
             return rank(
@@ -302,7 +304,7 @@ class KnowledgeBase:
     # -- writing --------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[FAQEntry], *, source: str | None = None) -> UpsertReport:
         """Insert or update entries; one or two entries save the index files in the background."""
-        with self._lock:
+        with self._lock.writing():
             report = self.store.upsert(entries, source=source)
             if report.added or report.updated:
                 self._refresh(report.added + report.updated, save_now=len(entries) > 2)
@@ -352,7 +354,7 @@ class KnowledgeBase:
         return self._finish(report, self.upsert(result.entries))
 
     def delete(self, entry_ids: Sequence[str]) -> list[str]:
-        with self._lock:
+        with self._lock.writing():
             removed = self.store.delete(entry_ids)
             if removed:
                 self._refresh([], removed, save_now=len(removed) > 2)
@@ -364,7 +366,7 @@ class KnowledgeBase:
         unknown = set(changes) - allowed
         if unknown:
             raise NotFoundError(f"cannot edit {sorted(unknown)}", fix=f"editable fields: {sorted(allowed)}")
-        with self._lock:
+        with self._lock.writing():
             entry = self.store.get(entry_id)
             clean: dict[str, object] = {}
             for key, value in changes.items():
