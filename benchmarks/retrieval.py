@@ -467,6 +467,9 @@ class InstantEntries(Embedder):
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         return self.real.embed_batch(texts)
 
+    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        return self.real.truncate(texts, max_tokens)
+
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: Any = None) -> np.ndarray:
         rng = np.random.default_rng(len(texts))
         vectors = rng.standard_normal((len(texts), self.real.dim), dtype=np.float32)
