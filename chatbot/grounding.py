@@ -19,7 +19,7 @@ from knowledge_base.index import tokenize
 
 __all__ = ["grounding_score", "is_refusal", "leaks", "shingles"]
 
-_REFUSAL = re.compile(r"\b(i don'?t know|i do not know|i'?m not sure|cannot answer|can'?t answer)\b", re.I)
+_REFUSAL = re.compile(r"\b(i don['’]?t know|i do not know|i['’]?m not sure|cannot answer|can['’]?t answer)\b", re.I)
 
 
 def grounding_score(answer: str, sources: Sequence[str], question: str = "") -> float:
@@ -32,6 +32,8 @@ def grounding_score(answer: str, sources: Sequence[str], question: str = "") -> 
 
 
 def is_refusal(answer: str) -> bool:
+    """Whether an answer declines (empty, or "I don't know" and the like near its start): the
+    engine hands such answers off, and the fine-tune evaluation counts them with this same test."""
     return not answer.strip() or bool(_REFUSAL.search(answer[:200]))
 
 

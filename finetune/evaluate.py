@@ -13,7 +13,8 @@ Measured on the eval split (whole FAQ entries the model never trained on) or any
   - embedding cosine: similarity of prediction and reference with the knowledge base's embedder
     (MiniLM by default; injectable, the tests pass a fake);
   - in ``rag``, the share of refusals (``I don't know.``) where the entries do not answer the question,
-    and of wrong refusals where they do.
+    and of wrong refusals where they do, both by the engine's own test (`chatbot.grounding.is_refusal`):
+    what counts is what the engine would hand off.
 
 Answers are generated in batches with left padding (a decoder-only model continues from the right
 end of each row; PITFALLS #12) and the serving settings' repetition penalty.
@@ -30,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.data import REFUSAL, SFTExample, TokenizedExample, end_of_turn_ids, tokenize_examples
+from chatbot.grounding import is_refusal
+from finetune.data import SFTExample, TokenizedExample, end_of_turn_ids, tokenize_examples
 from finetune.train import answer_loss, collate
 from knowledge_base.atomic import atomic_write_text
 
@@ -98,11 +100,6 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-def is_refusal(text: str) -> bool:
-    """Whether an answer is the refusal the system prompt asks for (``I don't know.``)."""
-    return " ".join(_words(text.replace("’", "'"))).startswith(" ".join(_words(REFUSAL)))
 
 
 # --------------------------------------------------------------------------------------------------
