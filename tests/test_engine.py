@@ -108,6 +108,7 @@ def test_grounding_scores_answers_by_their_words_in_the_sources():
     assert grounding_score("Shipping takes 3-7 business days.", [source]) == 1.0
     assert grounding_score("Run apt-get install git to fix strikethrough.", [source]) < 0.3
     assert is_refusal("I don't know.") and not is_refusal("It takes 3 days.")
+    assert is_refusal("I don’t know, sorry.") and is_refusal("")  # a curly apostrophe; an empty answer
 
 
 def test_leak_guard_catches_the_system_prompt_and_secrets():
