@@ -168,7 +168,6 @@ class ServerSettings:
     """Comma-separated allowed origins; empty keeps CORS off."""
     generation_concurrency: int = 1
     """Generations running at once; further ones queue. FAQ answers never wait for them."""
-    max_upload_mb: float = 20.0
 
     def problems(self) -> list[Problem]:
         out = []

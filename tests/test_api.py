@@ -377,7 +377,7 @@ def test_upload_of_an_unsupported_file_names_the_problem(client: TestClient, key
 
 
 def test_uploads_over_the_size_limit_get_413(tmp_path: Path, tiny_model_dir: Path) -> None:
-    settings = make_settings(tmp_path / "data", tiny_model_dir, **{"server.max_upload_mb": 0.01})
+    settings = make_settings(tmp_path / "data", tiny_model_dir, **{"kb.max_upload_mb": 0.01})
     engine = build_engine(settings, embedder=HashingEmbedder())
     secrets = Secrets()
     app = create_app(
@@ -391,7 +391,7 @@ def test_uploads_over_the_size_limit_get_413(tmp_path: Path, tiny_model_dir: Pat
             files={"file": ("big.csv", big, "text/csv")},
         )
     assert response.status_code == 413
-    assert response.json()["fix"]
+    assert "kb.max_upload_mb" in response.json()["fix"]  # the one limit, shared with the CLI's loaders
     assert len(engine.kb) == 0
     engine.store.close()
     engine.kb.close()

@@ -60,7 +60,7 @@ __all__ = ["ApiError", "RateLimiter", "add_api", "client_address"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: JSON bodies (chat, entries) are small; uploads get ``server.max_upload_mb``.
+#: JSON bodies (chat, entries) are small; uploads get ``kb.max_upload_mb``.
 MAX_JSON_BODY = 1024 * 1024
 #: Multipart framing around an uploaded file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -164,7 +164,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         fixes = {
-            413: "send a smaller request (uploads: server.max_upload_mb)",
+            413: "send a smaller request (uploads: kb.max_upload_mb)",
             404: "see /docs for the routes",
             405: "see /docs for the methods each route takes",
         }
@@ -547,7 +547,7 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
     chat_limiter = RateLimiter(settings.server.rate_limit_per_minute)
     login_failures = RateLimiter(AUTH_FAILURES_PER_MINUTE)
     conversations = ConversationMap()
-    upload_limit = int(settings.server.max_upload_mb * 1024 * 1024)
+    upload_limit = int(settings.kb.max_upload_mb * 1024 * 1024)  # the loaders' own limit: one knob
     state: dict[str, anyio.CapacityLimiter] = {}
 
     def threads() -> anyio.CapacityLimiter:
@@ -772,8 +772,8 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
                 raise ApiError(
                     413,
                     "TooLarge",
-                    f"the file is over the {settings.server.max_upload_mb:g} MB upload limit",
-                    "split it into smaller files, or raise server.max_upload_mb",
+                    f"the file is over the {settings.kb.max_upload_mb:g} MB upload limit",
+                    "split it into smaller files, or raise kb.max_upload_mb",
                 )
             chunks.append(chunk)
         report = await call(

@@ -138,7 +138,7 @@ def create_app(
     if import_gradio and (console_ui or chat_ui):
         import gradio as gr
 
-        max_file_size = int(settings.server.max_upload_mb * 1024 * 1024)
+        max_file_size = int(settings.kb.max_upload_mb * 1024 * 1024)
         # /admin first: a mount at / matches every path.
         if console_ui:
             gr.mount_gradio_app(
