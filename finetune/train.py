@@ -15,7 +15,7 @@ small on a CPU, measured in ``benchmarks/finetune.py``:
   back to a slower mode if they differ;
 - micro-batches with gradient accumulation (``micro_batch_size`` × ``grad_accum_steps`` examples a
   step; the loss is the mean over all answer tokens of the step), AdamW, linear warmup then cosine
-  decay, gradient clipping at 1.0;
+  decay (fitted to the steps a time limit allows), gradient clipping at 1.0;
 - bf16 autocast on CUDA, float32 on CPU (bf16 is far slower on CPUs without native support);
   optional gradient checkpointing; a seed for the data order, LoRA init and dropout.
 
@@ -508,14 +508,30 @@ class TrainResult:
         return out
 
 
-def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+class WarmupCosine:
+    """The learning-rate factor of step ``step``: linear warmup over ``warmup_ratio`` of the
+    horizon, then a cosine down to 0 at ``horizon`` steps (``total_steps`` unless shortened).
+
+    A time-limited run shortens the horizon to the steps that fit in the time left (`fit_to`), so
+    the rate has decayed when time runs out: a cosine cut off midway leaves the adapter at a high
+    rate's noisy last steps. A callable object rather than a closure because LambdaLR saves an
+    object's attributes in its state: a resumed run keeps the shortened horizon."""
+
+    def __init__(self, total_steps: int, warmup_ratio: float) -> None:
+        self.total_steps, self.warmup_ratio = total_steps, warmup_ratio
+        self.horizon = total_steps
+
+    def __call__(self, step: int) -> float:
+        warmup = int(self.warmup_ratio * self.horizon)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, self.horizon - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-    return factor
+    def fit_to(self, steps_done: int, seconds_left: float, seconds_per_step: float) -> None:
+        """Make the horizon the steps that fit: done + what the time left allows at this pace."""
+        more = int(max(seconds_left, 0.0) / max(seconds_per_step, 1e-9))
+        self.horizon = max(steps_done, min(self.total_steps, steps_done + more))
 
 
 def total_steps_for(
@@ -581,8 +597,8 @@ def fit(
     tokens so far), tokens_per_s, elapsed_s, eta_s (and ``checkpoint`` when one was written);
     raising KeyboardInterrupt from it stops the run like Ctrl-C does (how a UI stops a run).
     ``time_limit_s`` ends the run before the first step that would take training past that many
-    seconds (judged by the mean step so far; the result says ``stopped_early``, and the learning
-    rate has not fully decayed then).
+    seconds (judged by the mean step so far; the result says ``stopped_early``); the learning-rate
+    schedule is fitted to the steps the time allows (`WarmupCosine.fit_to`), so it has decayed by then.
     """
     import torch
     from tqdm.auto import tqdm
@@ -606,11 +622,11 @@ def fit(
     lengths = [len(ex) for ex in train]
     per_epoch = math.ceil(len(train) / mbs)
     total_steps = total_steps_for(len(train), settings, max_steps, world_size=world)
-    warmup = int(settings.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(
         params, lr=settings.learning_rate, weight_decay=settings.weight_decay, foreach=device.type == "cuda"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, warmup))
+    schedule = WarmupCosine(total_steps, settings.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     guard = {
         "dataset_hash": fingerprint,
         "examples": len(train),
@@ -692,6 +708,9 @@ def fit(
             with _sigint_deferred():
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 optimizer.step()
+                if time_limit_s is not None:  # before scheduler.step(), which sets the next step's rate
+                    done, so_far = state.step + 1, session_seconds()
+                    schedule.fit_to(done, time_limit_s - state.elapsed_s - so_far, so_far / (done - resumed_from))
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1

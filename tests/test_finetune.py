@@ -34,7 +34,7 @@ from finetune.data import (
     tokenize_examples,
 )
 from finetune.lora import LoraSetupError, apply_lora, resolve_target_modules, save_adapter
-from finetune.train import TrainingInterrupted, answer_loss, collate, fit, latest_checkpoint
+from finetune.train import TrainingInterrupted, WarmupCosine, answer_loss, collate, fit, latest_checkpoint
 from knowledge_base.entry import FAQEntry
 from knowledge_base.errors import NotFoundError
 
@@ -422,6 +422,33 @@ def test_a_time_limit_stops_before_the_step_that_would_overrun_it(
     assert result.steps == 1 and result.stopped_early
     _, unhurried = _train(load, data, s, tmp_path / "run2", max_steps=3, time_limit_s=3600)
     assert unhurried.steps == 3 and not unhurried.stopped_early
+
+
+def test_the_schedule_warms_up_then_decays_to_zero_at_its_horizon():
+    schedule = WarmupCosine(100, warmup_ratio=0.1)
+    assert schedule(0) < schedule(9) < 1 and schedule(10) == 1.0 and schedule(100) == 0.0
+    schedule.fit_to(steps_done=20, seconds_left=10.0, seconds_per_step=1.0)  # 10 more steps fit
+    assert schedule.horizon == 30 and schedule(30) == 0.0 and schedule(25) < 0.5
+    schedule.fit_to(steps_done=20, seconds_left=1e6, seconds_per_step=1.0)  # never past the planned steps
+    assert schedule.horizon == 100
+
+
+def test_a_time_limited_run_ends_with_a_decayed_learning_rate(
+    tiny: tuple[Any, Any], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune import train
+
+    clock = iter(range(10**9))  # a fake clock: every reading is 0.1 s after the last
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock) / 10)
+    tokenizer, load = tiny
+    data = toy_tokenized(tokenizer)
+    s = ft_settings(settings, micro_batch_size=2, grad_accum_steps=1, warmup_ratio=0.0)
+    seen: list[dict[str, Any]] = []
+    _, result = _train(load, data, s, tmp_path / "run", max_steps=200, time_limit_s=3.0, on_progress=seen.append)
+    assert result.stopped_early and 3 < result.steps < 50
+    peak = s.finetune.learning_rate
+    # The rate the last step handed on is near 0, not the ~0.9 x peak of a 200-step cosine cut short.
+    assert seen[-1]["lr"] < 0.1 * peak and max(i["lr"] for i in seen) > 0.5 * peak
 
 
 def test_resume_continues_at_the_same_step_and_reaches_the_same_loss(
