@@ -58,7 +58,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 PASSWORD = "browser-test-password"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
-GENERATED_QUESTION = "how can I pay"  # the fake embedder puts it in the middle band: generated
+GENERATED_QUESTION = "how can I pay"  # the fake embedder puts it in the middle band (see `live`): generated
 CLARIFY_QUESTION = "how do I follow my parcel online"  # two close candidates: "did you mean"
 UNANSWERABLE = "What's the weather on Mars?"
 
@@ -184,6 +184,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "server.admin_password_hash": hash_password(PASSWORD, iterations=1000),
             "server.api_key": "test-key",
             "server.rate_limit_per_minute": "0",
+            # The questions above are chosen for these bands of the fake embedder's scores: pinned,
+            # so that recalibrating the shipped defaults cannot move them to another answer mode.
+            "policy.faq_threshold": "0.66",
+            "policy.relevance_threshold": "0.60",
+            "policy.clarify_margin": "0.02",
         },
     )
     seed_history(data / "conversations.sqlite3", datetime.now(timezone.utc))
