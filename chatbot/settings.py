@@ -166,6 +166,10 @@ class ServerSettings:
     """Chat requests per client per minute; 0 disables."""
     cors_origins: str = ""
     """Comma-separated allowed origins; empty keeps CORS off."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses of reverse proxies (nginx, a load balancer) whose X-Forwarded-For
+    names the client. Behind a proxy every client otherwise shares the proxy's rate-limit bucket;
+    from anyone else the header is ignored, so a client cannot choose its own bucket."""
     generation_concurrency: int = 1
     """Generations running at once; further ones queue. FAQ answers never wait for them."""
 

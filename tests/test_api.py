@@ -437,6 +437,26 @@ def test_chat_is_rate_limited_per_client(tmp_path: Path, tiny_model_dir: Path) -
     engine.kb.close()
 
 
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(tmp_path: Path, tiny_model_dir: Path) -> None:
+    def codes(proxies: str) -> list[int]:
+        overrides = {"server.rate_limit_per_minute": 1, "server.trusted_proxies": proxies}
+        settings = make_settings(tmp_path / f"data-{bool(proxies)}", tiny_model_dir, **overrides)
+        engine = build_engine(settings, embedder=HashingEmbedder())
+        auth = Auth(settings, announce=Secrets(), iterations=FAST)
+        app = create_app(settings, engine, chat_ui=False, console_ui=False, auth=auth)
+        with TestClient(app) as client:  # its requests come from the peer "testclient"
+            out = [
+                client.post("/api/chat", json={"message": "hello"}, headers={"X-Forwarded-For": hop}).status_code
+                for hop in ("198.51.100.7", "198.51.100.8", "198.51.100.7")
+            ]
+        engine.store.close()
+        engine.kb.close()
+        return out
+
+    assert codes("testclient") == [200, 200, 429]  # two clients, one request a minute each
+    assert codes("") == [200, 429, 429]  # an untrusted peer's header is ignored: one bucket
+
+
 def test_rate_limiter_refills_and_zero_disables() -> None:
     now = [0.0]
     limiter = RateLimiter(2, clock=lambda: now[0])

@@ -186,10 +186,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _trusted_proxies(settings: Settings) -> frozenset[str]:
-    # ``server.trusted_proxies`` (comma-separated addresses) is optional: without it,
-    # X-Forwarded-For is never believed, so a client cannot pick its own rate-limit bucket.
-    raw = str(getattr(settings.server, "trusted_proxies", "") or "")
-    return frozenset(p.strip() for p in raw.split(",") if p.strip())
+    return frozenset(p.strip() for p in settings.server.trusted_proxies.split(",") if p.strip())
 
 
 def client_address(request: Request, trusted_proxies: frozenset[str] = frozenset()) -> str:
