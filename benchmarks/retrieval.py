@@ -261,14 +261,19 @@ def kb_ingest(
     progress.start = time.perf_counter()
     with Timer() as timer:
         report = kb.add_files(files)
+        searchable = time.perf_counter() - progress.start
+        after = time.perf_counter() - progress.embedded_at if progress.embedded_at else None
+        kb.wait_for_answers()  # large uploads: the whole-entry vectors, embedded in the background
     n = report.added
-    after = time.perf_counter() - progress.embedded_at if progress.embedded_at else None
     return kb, {
         "entries": n,
         "seconds": timer.seconds,
         "cpu_seconds": timer.cpu_seconds,
-        "entries_per_s": n / timer.seconds,
+        "entries_per_s": n / timer.seconds,  # until complete, background vectors included
         "entries_per_cpu_s": n / max(timer.cpu_seconds, 1e-9),
+        "searchable_s": searchable,
+        "searchable_entries_per_s": n / searchable,  # until add_files returned: searchable by every phrasing
+        "background_answers": report.answers_pending,
         "after_embedding_s": after,  # FAISS add, BM25, saving both: everything but loading and embedding
     }
 
@@ -583,12 +588,21 @@ def targets(report: dict[str, Any]) -> list[Target]:
             continue  # instant entry vectors: no embedding cost measured
         out.append(
             Target(
-                f"ingestion, short entries ({size(part)})",
+                f"ingestion, short entries ({size(part)}), complete",
                 get(part, "ingest", "kb", "entries_per_s"),
                 150,
                 True,
                 "/s",
                 get(part, "ingest", "kb", "entries_per_cpu_s"),
+            )
+        )
+        out.append(
+            Target(
+                f"  of which searchable ({size(part)})",
+                get(part, "ingest", "kb", "searchable_entries_per_s"),
+                150,
+                True,
+                "/s",
             )
         )
     out.append(Target(f"peak RSS at {size('scale')}", rss / GIB if rss is not None else None, 2.0, False, " GiB"))
@@ -618,6 +632,13 @@ def print_synthetic(title: str, result: dict[str, Any]) -> None:
         f"ingestion {ingest['seconds']:.1f} s ({ingest['cpu_seconds']:.1f} s CPU) for {result['entries']} entries, "
         f"{result['vectors']} vectors"
         + (f"; {after:.1f} s of it after embedding (FAISS, BM25, saving)" if after is not None else "")
+        + (
+            f"; searchable (by every phrasing) after {ingest['searchable_s']:.1f} s = "
+            f"{ingest['searchable_entries_per_s']:.0f} entries/s, the {ingest['background_answers']} whole-entry "
+            "vectors then embedded in the background"
+            if ingest.get("background_answers")
+            else ""
+        )
         + f"; index on disk {format_bytes(result['disk_bytes'])}"
         + (f"; peak RSS {format_bytes(result['peak_rss_bytes'])}" if "peak_rss_bytes" in result else "")
     )

@@ -9,6 +9,7 @@ At open, an index whose revision or embedding model disagrees with SQLite is reb
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,8 @@ class AddReport:
     files: list[str] = field(default_factory=list)
     added_ids: list[str] = field(default_factory=list)
     updated_ids: list[str] = field(default_factory=list)
+    answers_pending: int = 0
+    """Entries searchable by their phrasings but still waiting for their whole-entry vector."""
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -54,6 +57,8 @@ class AddReport:
             "unchanged": self.unchanged,
             "total": self.total,
         }
+        if self.answers_pending:
+            out["answers_pending"] = self.answers_pending
         if self.skipped:
             out["skipped"] = [p.to_dict() for p in self.skipped]
         return out
@@ -84,17 +89,28 @@ class KnowledgeBase:
         self._entries: dict[str, FAQEntry] = {}
         self._save_timer: threading.Timer | None = None
         self._dirty = False
+        self._answers_pending: set[str] = set()  # entries still without their whole-entry vector
+        self._answers_thread: threading.Thread | None = None
+        self._closing = threading.Event()
         atexit.register(self.flush)  # a pending background save is not lost when a CLI process ends
         self.dense: DenseIndex | None = None
         self.lexical = LexicalIndex()
         self._open_indexes()
+        if self.settings.answer_weight > 0:  # a process that stopped during a background fill left some
+            assert self.dense is not None
+            with_answer = {key.entry_id for key in self.dense.keys.values() if key.kind == "a"}
+            self._answers_pending = set(self._entries) - with_answer
+            if self._answers_pending:
+                self._start_answers()
 
     # -- opening and rebuilding -----------------------------------------------------------------
-    def _vector_texts(self, entries: Sequence[FAQEntry]) -> list[list[tuple[str, str]]]:
+    def _vector_texts(
+        self, entries: Sequence[FAQEntry], *, questions: bool = True, answers: bool = True
+    ) -> list[list[tuple[str, str]]]:
         """Per entry, the (kind, text) pairs it has vectors for: "q" for each question phrasing,
         "a" for question + answer (cut to ``kb.answer_tokens`` tokens) unless ``answer_weight`` is 0."""
-        texts = [[("q", q) for q in dict.fromkeys(entry.questions)] for entry in entries]
-        if self.settings.answer_weight > 0:
+        texts = [[("q", q) for q in dict.fromkeys(entry.questions)] if questions else [] for entry in entries]
+        if answers and self.settings.answer_weight > 0:
             whole = [f"{entry.question}\n{entry.answer}" for entry in entries]
             if self.settings.answer_tokens:
                 whole = self.embedder.truncate(whole, self.settings.answer_tokens)
@@ -145,6 +161,7 @@ class KnowledgeBase:
             self._entries = {e.id: e for e in self.store.all(enabled_only=True)}
             self.dense = DenseIndex(self.embedder.dim)
             self.lexical = LexicalIndex()
+            self._answers_pending.clear()
             embedded = self._index_entries(list(self._entries.values()))
             self._save()
             self.store.prune_cache(self.embedder.name, self._live_hashes())
@@ -174,11 +191,11 @@ class KnowledgeBase:
             return np.zeros((0, self.embedder.dim), np.float32), 0
         return np.vstack([cached[h] for h in hashes]), len(missing)
 
-    def _index_entries(self, entries: Sequence[FAQEntry]) -> int:
+    def _index_entries(self, entries: Sequence[FAQEntry], *, answers: bool = True) -> int:
         """Embed (what the cache lacks) and index ``entries``, ``INDEX_CHUNK`` at a time; returns the
-        number of texts embedded."""
+        number of texts embedded. ``answers=False`` leaves the whole-entry vectors out."""
         assert self.dense is not None
-        texts_of = self._vector_texts(entries)
+        texts_of = self._vector_texts(entries, answers=answers)
         total, done, embedded = sum(map(len, texts_of)), 0, 0
         report = self.progress
         for start in range(0, len(entries), self.INDEX_CHUNK):
@@ -233,23 +250,86 @@ class KnowledgeBase:
                 self._save()
             self._dirty = False
 
-    def _refresh(self, changed_ids: Iterable[str], removed_ids: Iterable[str] = (), *, save_now: bool = True) -> None:
-        """Bring the indexes in step with SQLite for these entries only."""
+    def _refresh(
+        self,
+        changed_ids: Iterable[str],
+        removed_ids: Iterable[str] = (),
+        *,
+        save_now: bool = True,
+        answers_later: bool = False,
+    ) -> None:
+        """Bring the indexes in step with SQLite for these entries only; with ``answers_later``
+        their whole-entry vectors are left to the background fill (`_fill_answers`)."""
         assert self.dense is not None
         changed = self.store.get_many(list(dict.fromkeys(changed_ids)))
         gone = set(removed_ids) | {e.id for e in changed}
         self.dense.remove_entries(gone)
+        self._answers_pending -= gone
         for entry_id in gone:
             self.lexical.remove(entry_id)
             self._entries.pop(entry_id, None)
         live = [e for e in changed if e.enabled]
-        self._index_entries(live)
+        later = answers_later and self.settings.answer_weight > 0
+        self._index_entries(live, answers=not later)
         self._entries.update({e.id: e for e in live})
         self._dirty = True
+        if later and live:
+            self._answers_pending.update(e.id for e in live)
+            self._start_answers()
         if save_now:
             self.flush()
         else:
             self._save_soon()
+
+    # -- whole-entry vectors in the background ----------------------------------------------------
+    ANSWER_CHUNK = 256
+    """Whole-entry texts embedded per round of the background fill: a round holds the lock only
+    to add its vectors, so searches and edits go on in between."""
+
+    def _start_answers(self) -> None:
+        """Start the background fill unless it runs (called with the write lock held, or at open)."""
+        if self._answers_thread is None and not self._closing.is_set():
+            self._answers_thread = threading.Thread(target=self._fill_answers, name="kb-answers", daemon=True)
+            self._answers_thread.start()
+
+    def _fill_answers(self) -> None:
+        """Embed the whole-entry vectors that large uploads left for later, a chunk at a time.
+
+        Each round picks pending entries under the read lock, embeds outside any lock, and adds
+        the vectors under the write lock only for entries that are still the same objects (an
+        entry edited or removed meanwhile was re-indexed or dropped by that edit)."""
+        done = 0
+        while not self._closing.is_set():
+            with self._lock.reading():
+                ids = list(itertools.islice(self._answers_pending, self.ANSWER_CHUNK))
+                if not ids:
+                    self._answers_thread = None  # under the lock, so that a new upload starts another
+                    break
+                entries = [self._entries[i] for i in ids if i in self._entries]
+                total = done + len(self._answers_pending)
+            texts = [pairs[0][1] for pairs in self._vector_texts(entries, questions=False)]
+            hashes = [text_hash(t) for t in texts]
+            vectors, _ = self._embed(hashes, texts)
+            with self._lock.writing():
+                assert self.dense is not None
+                keep = [
+                    i for i, e in enumerate(entries) if self._entries.get(e.id) is e and e.id in self._answers_pending
+                ]
+                self.dense.add([VectorKey(entries[i].id, "a", hashes[i]) for i in keep], vectors[keep])
+                self._answers_pending -= {entries[i].id for i in keep}
+                self._answers_pending -= {i for i in ids if i not in self._entries}  # removed meanwhile
+                self._dirty = True
+            done += len(keep)
+            if self.progress:
+                self.progress("embedding answers", done, total)
+        if not self._closing.is_set():
+            self.flush()
+
+    def wait_for_answers(self) -> None:
+        """Block until the background fill has embedded every pending whole-entry vector (the CLI
+        waits, so a command leaves a complete index; the server does not)."""
+        while (thread := self._answers_thread) is not None and thread.is_alive():
+            thread.join()
 
     # -- reading --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -295,6 +375,7 @@ class KnowledgeBase:
             "enabled": len(self._entries),
             "phrasings": sum(len(e.questions) for e in self._entries.values()),
             "vectors": len(self.dense) if self.dense else 0,
+            "answers_pending": len(self._answers_pending),
             "categories": self.store.categories(),
             "revision": self.store.revision,
             "embedding_model": self.embedder.name,
@@ -306,8 +387,10 @@ class KnowledgeBase:
         """Insert or update entries; one or two entries save the index files in the background."""
         with self._lock.writing():
             report = self.store.upsert(entries, source=source)
-            if report.added or report.updated:
-                self._refresh(report.added + report.updated, save_now=len(entries) > 2)
+            changed = report.added + report.updated
+            if changed:
+                later = 0 < self.settings.background_answers_above < len(changed)
+                self._refresh(changed, save_now=len(entries) > 2, answers_later=later)
             return report
 
     def _finish(self, report: AddReport, upserted: UpsertReport) -> AddReport:
@@ -317,6 +400,7 @@ class KnowledgeBase:
         report.added_ids += upserted.added
         report.updated_ids += upserted.updated
         report.total = self.store.count()
+        report.answers_pending = len(self._answers_pending)
         return report
 
     def add_files(self, paths: Sequence[Path], *, skip_bad_rows: bool = False) -> AddReport:
@@ -407,6 +491,9 @@ class KnowledgeBase:
         self.store.record_hits(entry_ids)
 
     def close(self) -> None:
+        self._closing.set()  # the background fill stops after its current round; the rest resumes at the next open
+        if (thread := self._answers_thread) is not None:
+            thread.join()
         self.flush()
         atexit.unregister(self.flush)
         self.store.close()

@@ -73,14 +73,14 @@ def _dense_of(index: DenseIndex, entry: FAQEntry, query: np.ndarray, answer_weig
     if not keys:
         return 0.0, ""
     cosines = vectors @ query
-    best_q, best_hash, whole = 0.0, "", 0.0
+    best_q, best_hash, whole = 0.0, "", None
     for key, cos in zip(keys, cosines.tolist(), strict=True):
         if key.kind == "q" and cos > best_q:
             best_q, best_hash = cos, key.text_hash
         elif key.kind == "a":
             whole = max(cos, 0.0)
     matched = {text_hash(q): q for q in entry.questions}.get(best_hash, entry.question)
-    if answer_weight > 0:
+    if answer_weight > 0 and whole is not None:  # no whole-entry vector yet (a large upload): phrasings alone
         return (best_q + answer_weight * whole) / (1 + answer_weight), matched
     return max(best_q, 0.0), matched
 

@@ -41,6 +41,10 @@ class KBSettings:
     """The whole-entry vector embeds only the first this many tokens of question + answer: on the
     dev sets that ranks as well as the whole text or better, and long answers embed several times
     faster. 0 embeds the whole text (up to the model's own limit)."""
+    background_answers_above: int = 200
+    """An upload of more entries than this is searchable as soon as its question phrasings are
+    embedded (about 2.5x sooner); the whole-entry vectors follow in the background, and until an
+    entry has one it is ranked by its phrasings alone. 0 embeds everything before an upload returns."""
 
     def problems(self) -> list[Problem]:
         out = []
@@ -50,6 +54,10 @@ class KBSettings:
             out.append(Problem("kb.max_upload_mb", "must be positive", "set it to e.g. 20"))
         if self.max_question_chars < 10 or self.max_answer_chars < 10:
             out.append(Problem("kb.max_question_chars/max_answer_chars", "must be at least 10", ""))
+        if self.background_answers_above < 0:
+            out.append(
+                Problem("kb.background_answers_above", "must be >= 0", "0 embeds everything before an upload returns")
+            )
         if self.top_k < 1:
             out.append(Problem("kb.top_k", "must be at least 1", "set it to e.g. 5"))
         if self.answer_tokens < 0 or 0 < self.answer_tokens < 8:

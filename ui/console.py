@@ -479,6 +479,11 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
             f"✅ Stored: **{report.added}** added, **{report.updated}** updated, {report.unchanged} unchanged; "
             f"{report.total} entries in the knowledge base. The chat uses them now."
         )
+        if report.answers_pending:
+            text += (
+                f" Ranking is being refined in the background: {report.answers_pending} entries are still "
+                "matched by their questions alone (a minute or two per 10,000 entries)."
+            )
         if report.skipped:
             text += f"\n\n⚠️ {len(report.skipped)} bad rows were skipped:"
         problems = gr.update(value=problems_table(report.skipped), visible=bool(report.skipped))
