@@ -4,6 +4,11 @@ One object owns a data folder (``<data_dir>/kb/``) and keeps the three in step: 
 to SQLite first, then updates the indexes incrementally (only the changed entries' texts are
 embedded, and only if their content hash is not in the cache), then saves each index atomically.
 At open, an index whose revision or embedding model disagrees with SQLite is rebuilt.
+
+A large upload (over ``kb.background_answers_above`` entries) returns once every question phrasing
+is embedded and indexed: it is searchable then. The whole-entry vectors, the larger half of the
+embedding work, follow in a background thread (`KnowledgeBase.wait_for_answers` waits for it); a
+process that stops first leaves them missing in the saved index, and the next open resumes.
 """
 
 from __future__ import annotations

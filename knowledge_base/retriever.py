@@ -7,7 +7,8 @@ Each entry is scored on two signals, both in [0, 1]:
   cosine to a vector of the whole entry (main question + answer, its first ``kb.answer_tokens``
   tokens): ``(q + w * qa) / (1 + w)``.
   The whole-entry vector catches questions worded like the answer rather than like the question.
-  Negative cosines count as 0.
+  Negative cosines count as 0. An entry whose whole-entry vector is still being embedded (the
+  background fill after a large upload) is scored by its phrasings alone, ``q``, until it has one.
 * **lexical** — BM25 over the entry's phrasings and answer, divided by the best score that query
   could reach (see `LexicalIndex.scores`), so it too lies in [0, 1] for every query.
 
