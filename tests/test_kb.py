@@ -338,6 +338,32 @@ def test_dense_index_round_trips_through_disk(tmp_path):
     assert loaded.keys[loaded.search(vectors[2], 1)[0][0]].entry_id == "e2"
 
 
+def test_saves_after_changes_write_what_is_in_memory_now(tmp_path):
+    """Both indexes keep each entry's saved text between saves: a later save must still write
+    exactly the current entries (removed ones gone, re-added ones with their new content)."""
+    from knowledge_base.index import VectorKey
+
+    dense, lexical = DenseIndex(4), LexicalIndex()
+    vectors = np.eye(4, dtype=np.float32)
+    dense.add([VectorKey(f"e{i}", "q", f"h{i}") for i in range(3)], vectors[:3])
+    for i in range(3):
+        lexical.add(f"e{i}", f"how do I ship parcel number {i}")
+    dense.save(tmp_path / "d.npz", revision=1, model="m")
+    lexical.save(tmp_path / "l.json", revision=1)
+    dense.remove_entries(["e1"])
+    dense.add([VectorKey("e1", "q", "changed"), VectorKey("e3", "a", "new")], vectors[1:3])
+    lexical.remove("e0")
+    lexical.add("e1", "refunds for the café order")  # replaced, non-ASCII included
+    lexical.add("e3", "a new entry")
+    dense.save(tmp_path / "d.npz", revision=2, model="m")
+    lexical.save(tmp_path / "l.json", revision=2)
+    loaded_dense, revision, _ = DenseIndex.load(tmp_path / "d.npz")
+    loaded_lexical, _ = LexicalIndex.load(tmp_path / "l.json")
+    assert revision == 2 and loaded_dense.keys == dense.keys
+    assert loaded_lexical.docs == lexical.docs and "e0" not in loaded_lexical.docs
+    assert loaded_lexical.scores("café refunds") == lexical.scores("café refunds")
+
+
 def test_editing_unknown_entry_names_the_fix(kb):
     with pytest.raises(NotFoundError) as err:
         kb.update("nope", answer="x")
