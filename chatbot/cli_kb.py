@@ -64,20 +64,13 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
         raise SupportBotError("no file given", fix="supportbot kb add FILE... (or --demo for the bundled FAQ)")
     kb = _kb(args, settings)
     start = time.perf_counter()
-    report = kb.add_files(files, skip_bad_rows=args.skip_bad_rows)
-    searchable = time.perf_counter() - start
-    kb.wait_for_answers()  # a large upload's whole-entry vectors: the command leaves a complete index
+    report = kb.add_files(files, skip_bad_rows=args.skip_bad_rows)  # complete: commands do not defer
     seconds = time.perf_counter() - start
 
     def text() -> str:
-        timing = (
-            f"{seconds:.1f} s"
-            if seconds - searchable < 0.05
-            else f"searchable after {searchable:.1f} s, all {seconds:.1f} s"
-        )
         lines = [
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}; "
-            f"{report.total} entries in total ({timing})"
+            f"{report.total} entries in total ({seconds:.1f} s)"
         ]
         lines += [f"skipped {p}" for p in report.skipped]
         return "\n".join(lines)

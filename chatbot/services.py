@@ -33,9 +33,16 @@ def open_knowledge_base(
     *,
     embedder: Embedder | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    background: bool = False,
 ) -> KnowledgeBase:
+    """The knowledge base of ``settings.data_dir``. ``background`` (the server) lets large uploads
+    return before their whole-entry vectors are embedded; commands leave a complete index."""
     return KnowledgeBase(
-        settings.data_dir / "kb", settings.kb, embedder or make_embedder(settings.kb), progress=progress
+        settings.data_dir / "kb",
+        settings.kb,
+        embedder or make_embedder(settings.kb),
+        progress=progress,
+        background=background,
     )
 
 
@@ -57,6 +64,7 @@ def build_engine(
     embedder: Embedder | None = None,
     generator: Generator | None = None,
     kb: KnowledgeBase | None = None,
+    background: bool = False,
 ) -> ChatEngine:
     """The chat engine with its knowledge base, conversation store and (lazily loaded) generator."""
     from chatbot.engine import ChatEngine
@@ -64,7 +72,7 @@ def build_engine(
 
     return ChatEngine(
         settings,
-        kb or open_knowledge_base(settings, embedder=embedder),
+        kb or open_knowledge_base(settings, embedder=embedder, background=background),
         open_conversation_store(settings),
         generator=generator,
         generator_factory=lambda: make_generator(settings.model, settings.data_dir),

@@ -5,10 +5,12 @@ to SQLite first, then updates the indexes incrementally (only the changed entrie
 embedded, and only if their content hash is not in the cache), then saves each index atomically.
 At open, an index whose revision or embedding model disagrees with SQLite is rebuilt.
 
-A large upload (over ``kb.background_answers_above`` entries) returns once every question phrasing
-is embedded and indexed: it is searchable then. The whole-entry vectors, the larger half of the
-embedding work, follow in a background thread (`KnowledgeBase.wait_for_answers` waits for it); a
-process that stops first leaves them missing in the saved index, and the next open resumes.
+With ``background=True`` (the server), a large upload (over ``kb.background_answers_above``
+entries) returns once every question phrasing is embedded and indexed: it is searchable then. The
+whole-entry vectors, the larger half of the embedding work, follow in a background thread
+(`KnowledgeBase.wait_for_answers` waits for it); a process that stops first leaves them missing in
+the saved index, and the next open resumes. Commands open with ``background=False``: complete
+before they return.
 """
 
 from __future__ import annotations
@@ -81,12 +83,21 @@ class KnowledgeBase:
     otherwise hold all its 200,000 vectors (300 MB) outside the index at once."""
 
     def __init__(
-        self, directory: Path, settings: KBSettings, embedder: Embedder, *, progress: Progress | None = None
+        self,
+        directory: Path,
+        settings: KBSettings,
+        embedder: Embedder,
+        *,
+        progress: Progress | None = None,
+        background: bool = True,
     ) -> None:
+        """``background``: large uploads return once searchable and a fill left by a stopped
+        process resumes in a thread (a server); False does both before returning (a command)."""
         self.directory = directory
         self.settings = settings
         self.embedder = embedder
         self.progress = progress
+        self.background = background
         directory.mkdir(parents=True, exist_ok=True)
         self.store = EntryStore(directory / "kb.sqlite3")
         self._lock = ReadWriteLock()  # searches and index saves read; edits write
@@ -105,8 +116,10 @@ class KnowledgeBase:
             assert self.dense is not None
             with_answer = {key.entry_id for key in self.dense.keys.values() if key.kind == "a"}
             self._answers_pending = set(self._entries) - with_answer
-            if self._answers_pending:
+            if self._answers_pending and background:
                 self._start_answers()
+            elif self._answers_pending:
+                self._fill_answers()  # here and now
 
     # -- opening and rebuilding -----------------------------------------------------------------
     def _vector_texts(
@@ -394,7 +407,7 @@ class KnowledgeBase:
             report = self.store.upsert(entries, source=source)
             changed = report.added + report.updated
             if changed:
-                later = 0 < self.settings.background_answers_above < len(changed)
+                later = self.background and 0 < self.settings.background_answers_above < len(changed)
                 self._refresh(changed, save_now=len(entries) > 2, answers_later=later)
             return report
 

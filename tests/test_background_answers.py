@@ -106,7 +106,22 @@ def test_a_fill_stopped_by_close_resumes_at_the_next_open(tmp_path, faq_file, mo
     assert _answer_vectors(reopened) == _answer_vectors(at_once) and _rankings(reopened) == _rankings(at_once)
 
 
-def test_small_uploads_and_the_cli_setting_zero_embed_everything_before_returning(tmp_path, faq_file):
+def test_without_background_uploads_and_an_unfinished_fill_complete_before_returning(tmp_path, faq_file):
+    embedder = GatedEmbedder()
+    kb = KnowledgeBase(tmp_path / "kb", BACKGROUND, embedder)
+    kb.add_files([faq_file])  # the fill waits at the gate: the index is saved without answer vectors
+    assert embedder.waiting.wait(10)
+    kb._closing.set()
+    kb.flush()
+    # A command opening it meanwhile (as the CLI does: background=False) completes the fill first.
+    command = KnowledgeBase(tmp_path / "kb", BACKGROUND, HashingEmbedder(), background=False)
+    assert command.stats()["answers_pending"] == 0 and len(_answer_vectors(command)) == len(FAQ)
+    other = KnowledgeBase(tmp_path / "other", BACKGROUND, HashingEmbedder(), background=False)
+    assert other.add_files([faq_file]).answers_pending == 0 and len(_answer_vectors(other)) == len(FAQ)
+    embedder.gate.set()
+
+
+def test_small_uploads_and_the_setting_zero_embed_everything_before_returning(tmp_path, faq_file):
     kb = KnowledgeBase(tmp_path / "kb", KBSettings(background_answers_above=len(FAQ)), HashingEmbedder())
     assert kb.add_files([faq_file]).answers_pending == 0 and len(_answer_vectors(kb)) == len(FAQ)
     assert KBSettings(background_answers_above=-1).problems()

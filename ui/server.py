@@ -208,7 +208,7 @@ def serve(
     began = time.perf_counter()
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
-    engine = build_engine(settings)
+    engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
     if demo and len(engine.kb) == 0:
         report = engine.kb.add_files([demo_file()])
         say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
