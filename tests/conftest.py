@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +53,20 @@ class HashingEmbedder(Embedder):
             if not norm:
                 out[row, 0] = 1.0
         return out
+
+
+class GatedEmbedder(HashingEmbedder):
+    """The fake embedder, holding the background fill (its thread) until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def embed_batch(self, texts):
+        if threading.current_thread().name == "kb-answers":
+            self.waiting.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        return super().embed_batch(texts)
 
 
 @pytest.fixture

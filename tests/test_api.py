@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HashingEmbedder
+from conftest import GatedEmbedder, HashingEmbedder
 from fastapi.testclient import TestClient
 
 from chatbot.engine import ChatEngine
@@ -368,6 +368,35 @@ def test_upload_a_bad_csv_is_rejected_row_by_row_and_nothing_is_stored(
     skipped = client.post("/api/kb/upload", headers=key_header, files=files, data={"skip_bad_rows": "true"})
     assert skipped.status_code == 200 and skipped.json()["added"] == 1 and len(skipped.json()["skipped"]) == 2
     client.delete(f"/api/kb/entries/{skipped.json()['added_ids'][0]}", headers=key_header)
+
+
+def test_a_large_upload_answers_when_searchable_and_says_what_is_still_embedding(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    settings = make_settings(tmp_path / "data", tiny_model_dir, **{"kb.background_answers_above": 1})
+    gated = GatedEmbedder()  # holds the background fill until the gate opens
+    engine = build_engine(settings, embedder=gated, background=True)
+    secrets = Secrets()
+    app = create_app(
+        settings, engine, chat_ui=False, console_ui=False, auth=Auth(settings, announce=secrets, iterations=FAST)
+    )
+    rows = "".join(f"q{i},How do I do thing {i}?,Like this {i}.\n" for i in range(3))
+    with TestClient(app) as client:
+        response = client.post(
+            "/api/kb/upload",
+            headers={"Authorization": f"Bearer {secrets.api_key}"},
+            files={"file": ("faq.csv", f"id,question,answer\n{rows}".encode(), "text/csv")},
+        )
+        assert response.status_code == 200 and response.json()["answers_pending"] == 3
+        found = client.get(
+            "/api/kb/search", params={"q": "thing 2"}, headers={"Authorization": f"Bearer {secrets.api_key}"}
+        )
+        assert found.json()["results"][0]["id"] == "q2"  # searchable already
+    gated.gate.set()
+    engine.kb.wait_for_answers()
+    assert engine.kb.stats()["answers_pending"] == 0
+    engine.store.close()
+    engine.kb.close()
 
 
 def test_upload_of_an_unsupported_file_names_the_problem(client: TestClient, key_header: dict[str, str]) -> None:

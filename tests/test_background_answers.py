@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import HashingEmbedder
+from conftest import GatedEmbedder, HashingEmbedder
 
 from knowledge_base.kb import KnowledgeBase
 from knowledge_base.settings import KBSettings
@@ -21,20 +20,6 @@ FAQ = [
 QUERIES = ["when does my order arrive", "paying with paypal", "send something back", "tracking link", "1-2 days"]
 BACKGROUND = KBSettings(background_answers_above=2)
 AT_ONCE = KBSettings(background_answers_above=0)
-
-
-class GatedEmbedder(HashingEmbedder):
-    """The fake embedder, holding the background fill (its thread) until ``gate`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate, self.waiting = threading.Event(), threading.Event()
-
-    def embed_batch(self, texts):
-        if threading.current_thread().name == "kb-answers":
-            self.waiting.set()
-            assert self.gate.wait(10), "the test never opened the gate"
-        return super().embed_batch(texts)
 
 
 @pytest.fixture

@@ -405,6 +405,9 @@ class UploadReport(BaseModel):
     skipped: list[dict[str, str]] = Field(default_factory=list, description="bad rows left out (skip_bad_rows)")
     added_ids: list[str] = Field(default_factory=list)
     updated_ids: list[str] = Field(default_factory=list)
+    answers_pending: int = Field(
+        0, description="entries searchable by their questions, whole-entry vectors still embedding in the background"
+    )
 
 
 class SearchResult(BaseModel):
