@@ -60,13 +60,20 @@ class Embedder(ABC):
         """Each text cut after its first ``max_tokens`` tokens (whole texts where shorter).
 
         The knowledge base embeds the cut text, so the embedding cache is keyed by what the model
-        saw. This default counts whitespace-separated words; embedders with a tokenizer count its
-        tokens."""
+        saw. Tokens are those of `_fast_tokenizer` where an embedder has one, else whitespace-separated
+        words."""
+        tokenizer = self._fast_tokenizer()
+        if tokenizer is not None:
+            return _truncate_tokens(tokenizer, texts, max_tokens)
         out = []
         for text in texts:
             words = list(itertools.islice(re.finditer(r"\S+", text), max_tokens + 1))
             out.append(text[: words[max_tokens - 1].end()] if len(words) > max_tokens else text)
         return out
+
+    def _fast_tokenizer(self) -> Any:
+        """The model's fast (Rust) tokenizer, for `truncate`; None where there is none."""
+        return None
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
         """Embed any number of texts in batches, reporting ``progress(done, total)``.
@@ -131,11 +138,9 @@ class SentenceTransformerEmbedder(Embedder):
                     ) from exc
             return self._model
 
-    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+    def _fast_tokenizer(self) -> Any:
         tokenizer = getattr(self._load(), "tokenizer", None)
-        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-            return super().truncate(texts, max_tokens)
-        return _truncate_tokens(tokenizer, texts, max_tokens)
+        return tokenizer if getattr(tokenizer, "is_fast", False) else None
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
@@ -232,11 +237,9 @@ class MeanPoolingEmbedder(Embedder):
                 self._parts = (tokenizer, model, device)
             return self._parts
 
-    def truncate(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+    def _fast_tokenizer(self) -> Any:
         tokenizer = self._load()[0]
-        if not getattr(tokenizer, "is_fast", False):
-            return super().truncate(texts, max_tokens)
-        return _truncate_tokens(tokenizer, texts, max_tokens)
+        return tokenizer if getattr(tokenizer, "is_fast", False) else None
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         import torch

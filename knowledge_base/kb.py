@@ -344,8 +344,8 @@ class KnowledgeBase:
             self.flush()
 
     def wait_for_answers(self) -> None:
-        """Block until the background fill has embedded every pending whole-entry vector (the CLI
-        waits, so a command leaves a complete index; the server does not)."""
+        """Block until the background fill has embedded every pending whole-entry vector (the
+        benchmark times it; commands need not wait, they open with ``background=False``)."""
         while (thread := self._answers_thread) is not None and thread.is_alive():
             thread.join()
 

@@ -22,14 +22,14 @@ and unrelated questions below 0.4; the answer policy's thresholds (``supportbot 
 set on this score. ``dense`` and ``bm25`` rankings return the single signal as the score.
 
 Why this fusion (measured with ``benchmarks/retrieval.py``, same embeddings with whole answers in
-the whole-entry vector, P@1 on StackFAQ / COVID-QA / demo): BM25 alone 0.675 / 0.492 / 0.352; dense (answer_weight 0.5) 0.958 / 0.680 /
-0.758; a fixed convex mix ``0.9 dense + 0.1 lexical`` 0.952 / 0.721 / 0.754 and ``0.8 / 0.2``
+the whole-entry vector, P@1 on StackFAQ / COVID-QA / demo): BM25 alone 0.675 / 0.492 / 0.352;
+dense (answer_weight 0.5) 0.958 / 0.680 / 0.758; a fixed convex mix ``0.9 dense + 0.1 lexical`` 0.952 / 0.721 / 0.754 and ``0.8 / 0.2``
 0.943 / 0.738 / 0.750 (a fixed BM25 share helps COVID-QA exactly where it hurts StackFAQ, whose
 queries share few words with their entries); the margin-weighted mix shipped here (bm25_weight 0.2)
 0.961 / 0.697 / 0.770, at least as good as the best single signal on every dev set, and flat for
 bm25_weight 0.1-0.4 (with the shipped 64-token whole-entry vectors: 0.961 / 0.701 / 0.770, dense
-0.961 / 0.689 / 0.758). Rank fusion with equal weights throws away how *close* a match is, which hurts
-StackFAQ (0.831) and makes thresholds meaningless.
+0.961 / 0.689 / 0.758). Rank fusion with equal weights throws away how *close* a match is, which
+hurts StackFAQ (0.831) and makes thresholds meaningless.
 """
 
 from __future__ import annotations
