@@ -357,17 +357,7 @@ def print_label_scope(result: dict[str, Any]) -> None:
     scope = result.get("label_scope")
     if not scope:
         return
-    modes, base = scope["modes"], scope["modes"]["bm25"]
-    rows = [
-        [
-            label,
-            *(
-                f"{modes[m][key]:.3f}" + ("" if m == "bm25" else f" ({_ratio(modes[m][key], base[key])})")
-                for m in MODES
-            ),
-        ]
-        for label, key in (("P@1", "p@1"), ("hit@5", "hit@5"), ("MRR@10", "mrr@10"))
-    ]
+    rows = _mode_rows(scope["modes"], METRIC_ROWS)
     title = (
         f"same queries, KB restricted to the {scope['entries']} of {result['entries']} entries from the "
         f"source(s) every label points into ({', '.join(s[:40] for s in scope['sources'])})"
@@ -503,17 +493,27 @@ def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
 
-def print_modes(title: str, result: dict[str, Any], *, metrics: bool = True) -> None:
-    modes, base = result["modes"], result["modes"]["bm25"]
-    keys = [("P@1", "p@1", 3), ("hit@5", "hit@5", 3), ("MRR@10", "mrr@10", 3)] if metrics else []
-    keys += [("query p50 ms", "p50_ms", 1), ("query p95 ms", "p95_ms", 1), ("query p95 CPU ms", "cpu_p95_ms", 1)]
-    rows: list[list[object]] = []
-    for label, key, digits in keys:
-        cells = [
-            f"{modes[m][key]:.{digits}f}" + ("" if m == "bm25" else f" ({_ratio(modes[m][key], base[key])})")
-            for m in MODES
+METRIC_ROWS = [("P@1", "p@1", 3), ("hit@5", "hit@5", 3), ("MRR@10", "mrr@10", 3)]
+LATENCY_ROWS = [("query p50 ms", "p50_ms", 1), ("query p95 ms", "p95_ms", 1), ("query p95 CPU ms", "cpu_p95_ms", 1)]
+
+
+def _mode_rows(modes: dict[str, Any], keys: Sequence[tuple[str, str, int]]) -> list[list[object]]:
+    """One table row per (label, key, digits): each mode's figure, with its ratio to BM25."""
+    base = modes["bm25"]
+    return [
+        [
+            label,
+            *(
+                f"{modes[m][key]:.{digits}f}" + ("" if m == "bm25" else f" ({_ratio(modes[m][key], base[key])})")
+                for m in MODES
+            ),
         ]
-        rows.append([label, *cells])
+        for label, key, digits in keys
+    ]
+
+
+def print_modes(title: str, result: dict[str, Any], *, metrics: bool = True) -> None:
+    rows = _mode_rows(result["modes"], (METRIC_ROWS if metrics else []) + LATENCY_ROWS)
     bm25_rate, kb_rate = result["ingest"]["bm25"]["entries_per_s"], result["ingest"]["kb"]["entries_per_s"]
     shared = f"{kb_rate:.1f} ({_ratio(kb_rate, bm25_rate)})"
     rows.append(["ingest entries/s", f"{bm25_rate:.0f}", shared, shared])
