@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,7 +548,13 @@ def fit(
                 if time_limit_s is not None:  # before scheduler.step(), which sets the next step's rate
                     done, so_far = state.step + 1, session_seconds()
                     schedule.fit_to(done, time_limit_s - state.elapsed_s - so_far, so_far / (done - resumed_from))
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # A step the scaler skipped (overflow; the first few while it finds its scale)
+                    # still counts, so the schedule advances: torch warns about exactly that.
+                    warnings.filterwarnings(
+                        "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                    )
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.micro += per_step

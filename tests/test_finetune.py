@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -536,6 +537,24 @@ def test_loss_falls_on_a_memorizable_set(tiny: tuple[Any, Any], settings: Settin
     assert result.tokens == seen[-1]["tokens"] > 0 and result.target_tokens > 0
     assert {"step", "total_steps", "loss", "lr", "tokens_per_s", "eta_s", "epoch"} <= set(seen[-1])
     assert seen[-1]["eta_s"] == 0 and seen[0]["step"] == 1
+
+
+def test_float16_training_scales_its_loss_and_resumes_the_scale(
+    tiny: tuple[Any, Any], settings: Settings, tmp_path: Path
+) -> None:
+    """A float16 base (a GPU without bf16) trains under fp16 autocast with a GradScaler, whose
+    state is checkpointed with the run; here under CPU fp16 autocast."""
+    tokenizer, load = tiny
+    data = toy_tokenized(tokenizer, MEMORIZABLE)
+    s = ft_settings(settings, target_modules="all-linear", micro_batch_size=2, checkpoint_every=4)
+    before = ev.evaluate_loss(load(), data, pad_id=tokenizer.pad_token_id)["loss"]
+    model, result = _train(lambda: load().to(torch.float16), data, s, tmp_path / "run", max_steps=12)
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert ev.evaluate_loss(model, data, pad_id=tokenizer.pad_token_id)["loss"] < 0.8 * before
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # master weights
+    saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)
+    # The first steps overflowed at the initial scale 2**16 and were skipped, not applied.
+    assert 0 < saved["scaler"]["scale"] < 2**16
 
 
 def test_a_time_limit_stops_before_the_step_that_would_overrun_it(
