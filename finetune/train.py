@@ -446,7 +446,8 @@ def fit(
         params,
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
-        **({"fused": True} if on_cuda else {"foreach": False}),
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else False,
     )
     # float16 gradients of the activations underflow without loss scaling (bf16 has float32's range).
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
