@@ -413,6 +413,7 @@ def load_settings(
 def write_data_dir_config(settings: Settings, updates: Mapping[str, Mapping[str, Any]]) -> Path:
     """Merge ``{section: {field: value}}`` into ``<data_dir>/supportbot.toml`` atomically."""
     from knowledge_base.atomic import atomic_write_text
+    from knowledge_base.private import private_dir
 
     path = settings.data_dir / DATA_DIR_CONFIG
     current: dict[str, Any] = {}
@@ -429,7 +430,7 @@ def write_data_dir_config(settings: Settings, updates: Mapping[str, Mapping[str,
         if isinstance(fields, Mapping):
             lines.append(f"\n[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     atomic_write_text(path, "\n".join(lines).lstrip() + "\n")
     return path
 
