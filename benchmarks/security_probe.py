@@ -261,11 +261,11 @@ def isolation(p: Probe) -> tuple[bool, str]:
         ]
         own = alice.post(
             "/api/chat",
-            json={"message": "thanks", "conversation_id": cid, "conversation_token": first["conversation_token"]},
+            json={"message": "thanks", "conversation_id": cid, "conversation_token": first.get("conversation_token")},
         )
     leaked = "Alice" in taken.text + v1.text
     chat_errors = {(r.status_code, r.json().get("message")) for r in (taken, unknown)}
-    rate_errors = {(r.status_code, r.json().get("message")) for r in rates}
+    rate_errors = {(r.status_code, r.json().get("message", "accepted")) for r in rates}
     ok = (
         taken.status_code == 404
         and v1.status_code == 404

@@ -236,6 +236,46 @@ def test_the_public_page_takes_and_serves_no_files(live: Live, tmp_path: Path) -
         assert client.get(f"/admin/gradio_api/file={path}").status_code == 200
 
 
+def test_console_uploads_are_deleted_when_the_server_stops(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import gradio as gr
+    import uvicorn
+
+    settings = load_settings(
+        env={},
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "model.model": str(tiny_model_dir),
+            "server.admin_password_hash": hash_password(PASSWORD, iterations=1000),
+            "server.api_key": API_KEY,
+        },
+    )
+    engine = build_engine(settings, embedder=HashingEmbedder())
+    with gr.Blocks() as console_page:
+        gr.File(label="FAQ files")
+    app = create_app(
+        settings, engine, chat_ui=False, console_ui=console_page, auth=Auth(settings, announce=lambda _: None)
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert console_login(client).status_code == 200
+            uploaded = client.post("/admin/gradio_api/upload", files={"files": ("faq.csv", b"q,a\n", "text/csv")})
+            path = Path(uploaded.json()[0])
+            assert path.is_file()
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        engine.store.close()
+        engine.kb.close()
+    assert not path.exists()
+
+
 # -- 5. a conversation belongs to its client --------------------------------------------------------------
 
 

@@ -85,6 +85,8 @@ def _origin_host(origin: str) -> str | None:
         return None
     if not parts.scheme or not host:
         return None
+    if ":" in host:  # an IPv6 literal: the Host header keeps its brackets
+        host = f"[{host}]"
     if port is not None and str(port) != DEFAULT_PORTS.get(parts.scheme.lower()):
         return f"{host}:{port}".lower()
     return host.lower()
