@@ -226,6 +226,8 @@ def test_the_public_page_takes_and_serves_no_files(live: Live, tmp_path: Path) -
     with live.client("198.51.100.7") as client:
         upload = client.post("/gradio_api/upload", files=files)
         assert upload.status_code == 403 and upload.json()["error"] == "Forbidden"
+        for variant in ("/gradio_api/upload/", "/gradio_api/%75pload", "//gradio_api/upload", "/./gradio_api/upload"):
+            assert client.post(variant, files=files).status_code in (403, 404, 405), variant
         assert client.get("/gradio_api/file=/etc/hostname").status_code == 403
         assert client.post("/admin/gradio_api/upload", files=files).status_code == 401  # the console's: login
         assert console_login(client).status_code == 200

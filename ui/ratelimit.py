@@ -200,6 +200,8 @@ class LoginThrottle:
         with self._lock:
             if len(self._failures) > self.MAX_KEYS:
                 self._failures = {k: v for k, v in self._failures.items() if now - v.last < self.forget_after_s}
+                if len(self._failures) > self.MAX_KEYS:  # a flood from many addresses: the accounts' counts stay
+                    self._failures = {k: v for k, v in self._failures.items() if k.startswith("account:")}
             counts = []
             for kind, name in self._keys(client, account):
                 key = f"{kind}:{name}"
