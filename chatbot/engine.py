@@ -11,12 +11,14 @@ of ``server.generation_concurrency`` slots and queue for the rest.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from chatbot import learning
 from chatbot.followup import resolve_followup
 from chatbot.generation import Generator
 from chatbot.grounding import grounding_score, is_refusal, leaks
@@ -32,6 +34,7 @@ from knowledge_base.retriever import SearchHit
 __all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
 
 MAX_MESSAGE_CHARS = 4000
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -161,6 +164,8 @@ class ChatEngine:
             )
         if conversation_id is None or not self.store.conversation_exists(conversation_id):
             conversation_id = self.store.create_conversation(client=client)
+        else:  # a clicked clarify option teaches the retriever what the customer's question meant
+            self._learn_clarify_choice(conversation_id, message)
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
@@ -232,6 +237,12 @@ class ChatEngine:
             yield StreamEvent("delta", text)
         yield StreamEvent("done", answer.text, answer)
 
+    def _learn_clarify_choice(self, conversation_id: str, message: str) -> None:
+        try:
+            learning.record_clarify_choice(self.kb, self.store, conversation_id, message)
+        except SupportBotError as exc:  # learning must never cost the customer the answer
+            log.warning("clarify choice not learned: %s", exc.message)
+
     def _generate(self, question: str, hits: list[SearchHit], conversation_id: str) -> Iterator[str]:
         history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns + 1)[:-1]
         turns = [(m.role, m.text) for m in history if m.mode in (None, "faq", "generated")]
@@ -261,6 +272,7 @@ class ChatEngine:
         if rating not in ("up", "down"):
             raise SupportBotError(f"rating {rating!r} is not 'up' or 'down'", fix="send 'up' or 'down'")
         self.store.add_feedback(message_id, rating, comment)
+        learning.safe_record_rating(self.kb, self.store, message_id, rating)
         if rating == "down":
             message = self.store.get_message(message_id)
             self.store.add_unanswered(
