@@ -239,7 +239,7 @@ class KnowledgeBase:
             del vectors
             embedded += n_embedded
             done += len(texts)
-        embedded += self._index_learned([e.id for e in entries], lexical=False)
+        embedded += self._index_learned(entries, lexical=False)
         for entry in entries:
             self.lexical.add(entry.id, self._lexical_of(entry))
         return embedded
@@ -258,13 +258,14 @@ class KnowledgeBase:
             out[entry_id] = {text_hash(q): q for q in queries if text_hash(q) in hashes}
         return out
 
-    def _index_learned(self, entry_ids: Sequence[str], *, lexical: bool = True) -> int:
+    def _index_learned(self, entries: Sequence[FAQEntry], *, lexical: bool = True) -> int:
         """Rebuild the learned phrasings (vectors of kind "l") of these entries from their positive
         examples (`knowledge_base.examples.select_learned`: newest first, near-duplicates merged,
         ``kb.learned_per_entry`` at most). Returns the number of texts embedded. Called with the
         write lock held (or before the index is shared)."""
         assert self.dense is not None
-        live = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
+        by_id = {e.id: e for e in entries}
+        live = list(by_id)
         queries = self.store.positive_queries(live) if self.settings.learned_per_entry else {}
         plans: list[tuple[str, list[str]]] = []
         for entry_id in live:
@@ -272,7 +273,7 @@ class KnowledgeBase:
             self._learned.pop(entry_id, None)
             if entry_id not in queries:
                 continue
-            seen = {learned_key(q) for q in self._entries[entry_id].questions}
+            seen = {learned_key(q) for q in by_id[entry_id].questions}
             candidates = []
             for query in queries.get(entry_id, []):
                 key = learned_key(query)
@@ -294,8 +295,8 @@ class KnowledgeBase:
             self.dense.add([VectorKey(entry_id, "l", h) for h in hashes], mine[kept])
             self._learned[entry_id] = {h: candidates[i] for h, i in zip(hashes, kept, strict=True)}
         if lexical and self.settings.learned_in_bm25:
-            for entry_id in live:
-                self.lexical.add(entry_id, self._lexical_of(self._entries[entry_id]))
+            for entry in by_id.values():
+                self.lexical.add(entry.id, self._lexical_of(entry))
         return embedded
 
     def learned_questions(self, entry_id: str) -> list[str]:
@@ -632,8 +633,9 @@ class KnowledgeBase:
     def _relearn(self, entry_ids: set[str], changed: int) -> None:
         """After examples changed: those entries' learned phrasings again, and the index saved
         (soon for a single example, now for a batch) so that its revision matches the database."""
-        if entry_ids:
-            self._index_learned(sorted(entry_ids))
+        live = [self._entries[i] for i in sorted(entry_ids) if i in self._entries]  # disabled: no vectors
+        if live:
+            self._index_learned(live)
         self._dirty = True
         if changed > 2:
             self.flush()

@@ -134,7 +134,7 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
 
     filters = [text, entry, source, polarity]
 
-    def refresh(needle: str, entry_id: str, src: str, label: str) -> tuple[Any, ...]:
+    def refresh_examples(needle: str, entry_id: str, src: str, label: str) -> tuple[Any, ...]:
         found = kb.examples(
             entry_id=(entry_id or "").strip() or None,
             source=None if src in (ALL, "", None) else src,
@@ -149,7 +149,7 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
         )
         return examples_table(found), summary, None, "Click an example to select it.", gr.update(interactive=False)
 
-    def pick(frame: pd.DataFrame, data: gr.SelectData) -> tuple[Any, ...]:
+    def pick_example(frame: pd.DataFrame, data: gr.SelectData) -> tuple[Any, ...]:
         row = _row_index(data)
         if row is None or frame is None or row >= len(frame):
             return None, "Click an example to select it.", gr.update(interactive=False)
@@ -162,14 +162,14 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
         detail = f"Example **{e.id}**: “{html.escape(e.query)}” {label} `{html.escape(e.entry_id)}` ({e.source})"
         return e.id, detail, gr.update(interactive=True)
 
-    def remove(example_id: int | None, *filter_values: Any) -> tuple[Any, ...]:
+    def remove_example(example_id: int | None, *filter_values: Any) -> tuple[Any, ...]:
         if example_id is None:
-            return ("Select an example first.", *refresh(*filter_values))
+            return ("Select an example first.", *refresh_examples(*filter_values))
         removed = kb.forget([int(example_id)])
         note = f"🗑️ Removed example {example_id}." if removed else "It was removed already."
-        return (note, *refresh(*filter_values))
+        return (note, *refresh_examples(*filter_values))
 
-    def export() -> Any:
+    def export_examples() -> Any:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
         path = Path(tempfile.mkdtemp(prefix="supportbot-export-")) / f"examples-{stamp}.csv"
         learning.export_examples_csv(kb, path)
@@ -219,7 +219,7 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
         value = choices[0][1] if choices else None
         return chosen.id, gr.update(visible=True), detail, gr.update(choices=choices, value=value), ""
 
-    def annotate(message_id: int | None, entry_id: str | None) -> str:
+    def annotate_turn(message_id: int | None, entry_id: str | None) -> str:
         if message_id is None or not entry_id:
             return "Pick a turn and an entry first."
         try:
@@ -229,12 +229,12 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
         return f"✅ Learned: “{html.escape(example.query)}” → `{html.escape(entry_id)}` (example {example.id})."
 
     listed = [table, counts, picked, picked_text, remove_button]
-    refresh_button.click(refresh, filters, listed, api_visibility="private")
+    refresh_button.click(refresh_examples, filters, listed, api_visibility="private")
     for trigger in (text.submit, entry.submit, source.change, polarity.change):
-        trigger(refresh, filters, listed, api_visibility="private")
-    table.select(pick, [table], [picked, picked_text, remove_button], api_visibility="private")
-    remove_button.click(remove, [picked, *filters], [message, *listed], api_visibility="private")
-    export_button.click(export, None, [export_file], api_visibility="private")
+        trigger(refresh_examples, filters, listed, api_visibility="private")
+    table.select(pick_example, [table], [picked, picked_text, remove_button], api_visibility="private")
+    remove_button.click(remove_example, [picked, *filters], [message, *listed], api_visibility="private")
+    export_button.click(export_examples, None, [export_file], api_visibility="private")
     conv_outputs = [conversations_state, conversations, transcript_state, transcript, annotate_box]
     conv_button.click(show_conversations, [conv_text], conv_outputs, api_visibility="private")
     conv_text.submit(show_conversations, [conv_text], conv_outputs, api_visibility="private")
@@ -247,5 +247,5 @@ def build_learning_tab(engine: Any) -> tuple[Any, list[Any], list[Any]]:
         [turn, annotate_box, turn_text, target, annotate_message],
         api_visibility="private",
     )
-    annotate_button.click(annotate, [turn, target], [annotate_message], api_visibility="private")
-    return refresh, filters, listed
+    annotate_button.click(annotate_turn, [turn, target], [annotate_message], api_visibility="private")
+    return refresh_examples, filters, listed
