@@ -60,8 +60,10 @@ def test_a_positive_example_is_searchable_at_once_and_leaves_with_it(kb: Knowled
     assert kb.learned_questions("refund") == [CRACKED]
     assert kb.get("refund").alt_questions == ()  # kept apart from the authored phrasings
     assert kb.examples(entry_id="refund") == [example]
+    assert "blender" in kb.lexical.docs["refund"]  # kb.learned_in_bm25: its words count for BM25 too
 
     assert kb.forget([example.id]) == 1
+    assert "blender" not in kb.lexical.docs["refund"]
     assert top(kb, CRACKED)[1] != CRACKED and kb.learned_questions("refund") == []
     assert kb.examples() == [] and kb.forget([example.id]) == 0
 
@@ -91,6 +93,15 @@ def test_learned_phrasings_are_capped_per_entry_keeping_the_latest(tmp_path: Pat
     assert len(kb.examples()) == 3  # every example is kept, for training
     kb.forget([kb.examples(text="crushed")[0].id])  # the oldest one comes back under the cap
     assert kb.learned_questions("refund") == [CRACKED, "the jug is broken"]
+    kb.close()
+
+
+def test_with_no_learned_phrasings_examples_are_only_stored(tmp_path: Path, embedder: Any) -> None:
+    kb = open_kb(tmp_path / "kb", embedder, learned_per_entry=0, learned_in_bm25=False)
+    kb.learn(CRACKED, "refund", source="api")
+    assert len(kb.examples()) == 1 and kb.learned_questions("refund") == []
+    assert top(kb, CRACKED)[1] != CRACKED and "blender" not in kb.lexical.docs["refund"]
+    assert KBSettings(learned_per_entry=-1).problems()[0].where == "kb.learned_per_entry"
     kb.close()
 
 
