@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from chatbot.cli import emit, progress_bar
 from chatbot.services import demo_file, open_knowledge_base
@@ -163,18 +163,18 @@ def cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     from chatbot.services import open_conversation_store
 
     kb = _kb(args, settings)
-    before = kb.stats()["learned_phrasings"]
+    before = cast(int, kb.stats()["learned_phrasings"])
     store = open_conversation_store(settings)  # its redaction rules; nothing is written there
     try:
         learned = learn_file(kb, store, args.file)
     finally:
         store.close()
-    after = kb.stats()["learned_phrasings"]
+    after = cast(int, kb.stats()["learned_phrasings"])
     result = {
         "examples": len(learned),
         "entries": len({e.entry_id for e in learned}),
         "learned_phrasings": after,
-        "learned_phrasings_added": int(after) - int(before),  # type: ignore[call-overload]
+        "learned_phrasings_added": after - before,
         "file": str(args.file),
     }
     emit(
