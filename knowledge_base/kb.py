@@ -283,7 +283,13 @@ class KnowledgeBase:
             if candidates:
                 plans.append((entry_id, candidates))
         texts = [q for _, candidates in plans for q in candidates]
-        vectors, embedded = self._embed([text_hash(q) for q in texts], texts)
+        report = self.progress
+
+        def progress(done: int, total: int) -> None:
+            if report:
+                report("embedding learned phrasings", done, total)
+
+        vectors, embedded = self._embed([text_hash(q) for q in texts], texts, progress if len(texts) > 50 else None)
         start = 0
         for entry_id, candidates in plans:
             mine = vectors[start : start + len(candidates)]

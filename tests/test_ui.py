@@ -740,6 +740,8 @@ def test_examples_are_listed_filtered_and_removed_in_the_console(engine: ChatEng
     picked, detail, button = fn(page, "pick_example")(table, select(index=[0, 1]))
     assert picked == wrong.id and "where my parcel at" in detail and button["interactive"] is True
     assert "where my parcel at" in engine.kb.learned_questions("orders-002")
+    title = fn(page, "select_entry")(select(row_value=["orders-002"]))[1]
+    assert "Learned phrasings** (1" in title and "where my parcel at" in title  # apart from its own
     out = fn(page, "remove_example")(picked, "", "", "All", "All")
     assert "Removed example" in out[0] and list(out[1]["id"]) == [wrong.id + 1]
     assert engine.kb.learned_questions("orders-002") == []  # the wrong label no longer counts
