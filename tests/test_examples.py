@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,15 @@ def test_with_no_learned_phrasings_examples_are_only_stored(tmp_path: Path, embe
     kb.close()
 
 
-def test_learned_phrasings_survive_a_restart_and_a_rebuild(tmp_path: Path, embedder: Any) -> None:
+def test_learned_phrasings_survive_a_restart_and_a_rebuild(
+    tmp_path: Path, embedder: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     kb = open_kb(tmp_path / "kb", embedder)
     kb.learn(CRACKED, "refund", source="api")
     kb.close()
-    kb = open_kb(tmp_path / "kb", embedder)  # loaded from the saved index
+    with caplog.at_level(logging.WARNING):
+        kb = open_kb(tmp_path / "kb", embedder)
+    assert "rebuilding" not in caplog.text  # loaded from the saved index, which has them
     assert kb.learned_questions("refund") == [CRACKED] and top(kb, CRACKED) == ("refund", CRACKED)
     kb.close()
     (tmp_path / "kb" / KnowledgeBase.DENSE_FILE).unlink()  # the database is the truth
