@@ -11,12 +11,14 @@ of ``server.generation_concurrency`` slots and queue for the rest.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from chatbot import learning
 from chatbot.followup import resolve_followup
 from chatbot.generation import Generator
 from chatbot.grounding import grounding_score, is_refusal, leaks
@@ -38,6 +40,7 @@ PRIVATE_FIELDS = ("scores", "reason")
 NOT_YOURS = "no conversation with this id belongs to this client"
 NOT_YOUR_ANSWER = "no answer with this id in this client's conversations"
 FIX_NOT_YOURS = "send the conversation_token returned with the conversation, or leave conversation_id out to start one"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,13 +187,12 @@ class ChatEngine:
                 f"the message has {len(message)} characters, more than {MAX_MESSAGE_CHARS}",
                 fix="shorten it to the question itself",
             )
-        if owner is not None:
-            if conversation_id is not None:
-                self.check_owner(conversation_id, owner)
-            else:
-                conversation_id = self.store.create_conversation(client=client, owner=owner)
-        elif conversation_id is None or not self.store.conversation_exists(conversation_id):
-            conversation_id = self.store.create_conversation(client=client)
+        if owner is not None and conversation_id is not None:
+            self.check_owner(conversation_id, owner)
+        if conversation_id is None or (owner is None and not self.store.conversation_exists(conversation_id)):
+            conversation_id = self.store.create_conversation(client=client, owner=owner)
+        else:  # a clicked clarify option teaches the retriever what the customer's question meant
+            self._learn_clarify_choice(conversation_id, message)
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
@@ -262,6 +264,12 @@ class ChatEngine:
             yield StreamEvent("delta", text)
         yield StreamEvent("done", answer.text, answer)
 
+    def _learn_clarify_choice(self, conversation_id: str, message: str) -> None:
+        try:
+            learning.record_clarify_choice(self.kb, self.store, conversation_id, message)
+        except SupportBotError as exc:  # learning must never cost the customer the answer
+            log.warning("clarify choice not learned: %s", exc.message)
+
     def _generate(self, question: str, hits: list[SearchHit], conversation_id: str) -> Iterator[str]:
         history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns + 1)[:-1]
         turns = [(m.role, m.text) for m in history if m.mode in (None, "faq", "generated")]
@@ -302,6 +310,7 @@ class ChatEngine:
                 NOT_YOUR_ANSWER, fix="rate the message_id of an answer, with its conversation's conversation_token"
             )
         self.store.add_feedback(message_id, rating, comment)
+        learning.safe_record_rating(self.kb, self.store, message_id, rating)
         if rating == "down":
             message = self.store.get_message(message_id)
             self.store.add_unanswered(

@@ -382,6 +382,11 @@ class ConversationStore:
     def _redact(self, text: str) -> str:
         return redact(text, keep=self._keep) if self.redact_pii else text
 
+    def redact(self, text: str) -> str:
+        """``text`` as this store would keep it (masked when ``redact_pii``): for data stored
+        elsewhere, such as the knowledge base's labelled examples (`chatbot.learning`)."""
+        return self._redact(text)
+
     def _assistant_message(self, conn: sqlite3.Connection, message_id: int, action: str) -> None:
         row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
@@ -508,6 +513,44 @@ class ConversationStore:
             .fetchall()
         )
         return [self._message(r) for r in rows]
+
+    def conversations(self, *, limit: int = 100, text: str = "") -> list[dict[str, Any]]:
+        """The latest conversations, newest first: ``id, created_at, channel, messages`` and
+        ``first_question`` (its first customer message); ``text`` keeps those with a message
+        containing it (any case)."""
+        where, params = "", [max(int(limit), 0)]
+        if text:
+            where = "WHERE c.id IN (SELECT conversation_id FROM messages WHERE instr(lower(text), lower(?)) > 0)"
+            params.insert(0, text)  # type: ignore[arg-type]
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT c.id, c.created_at, c.channel, "
+                "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS messages, "
+                "(SELECT u.text FROM messages u WHERE u.conversation_id = c.id AND u.role = 'user' "
+                f"ORDER BY u.id LIMIT 1) AS first_question FROM conversations c {where} "
+                "ORDER BY c.created_at DESC, c.rowid DESC LIMIT ?",
+                params,
+            )
+            .fetchall()
+        )
+        return [dict(r) for r in rows]
+
+    def unanswered_items(self, ids: Sequence[int]) -> list[UnansweredQuestion]:
+        """Queue items by id (any status), in the order of ``ids``; unknown ids are left out."""
+        found: dict[int, UnansweredQuestion] = {}
+        for chunk in _chunks(ids):
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id, question, created_at, status, reason, top_score, conversation_id, message_id, "
+                    f"resolved_entry_id FROM unanswered WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                .fetchall()
+            )
+            found.update({r["id"]: UnansweredQuestion(**dict(r)) for r in rows})
+        return [found[i] for i in ids if i in found]
 
     def get_message(self, message_id: int) -> StoredMessage:
         row = self._conn().execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()

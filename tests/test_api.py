@@ -248,6 +248,51 @@ def test_staff_endpoints_need_a_key_or_login(client: TestClient, method: str, pa
     assert wrong.status_code == 401
 
 
+def test_labelled_examples_are_added_listed_exported_and_removed(
+    client: TestClient, engine: ChatEngine, key_header: dict[str, str], basic_header: dict[str, str]
+) -> None:
+    # Staff only (anonymous calls: a wrong key would count towards the module's failed-login limit)
+    before = engine.kb.examples()  # the module's earlier tests rated answers
+    for method, path in (
+        ("GET", "/api/kb/examples"),
+        ("POST", "/api/kb/examples"),
+        ("DELETE", "/api/kb/examples/1"),
+        ("GET", "/api/conversations/examples.csv"),
+    ):
+        body = {"query": "q", "faq_id": "orders-002"} if method == "POST" else None
+        assert client.request(method, path, json=body).status_code == 401
+    assert engine.kb.examples() == before
+    query = "my parcel never came, mail me at jo@example.com"
+    added = client.post("/api/kb/examples", headers=key_header, json={"query": query, "faq_id": "shipping-003"})
+    assert added.status_code == 201, added.text
+    example = added.json()
+    assert example["source"] == "api" and example["positive"] is True
+    assert example["query"] == "my parcel never came, mail me at [email]"  # redacted before it is stored
+    assert example["query"] in engine.kb.learned_questions("shipping-003")  # searchable at once
+    negative = client.post(
+        "/api/kb/examples", headers=basic_header, json={"query": "refund", "faq_id": "orders-002", "positive": False}
+    ).json()
+
+    listed = client.get("/api/kb/examples?faq_id=shipping-003", headers=key_header).json()
+    assert [e["id"] for e in listed["examples"]] == [example["id"]] and listed["total"] == 1
+    assert [
+        e["id"] for e in client.get("/api/kb/examples?positive=false&source=api", headers=key_header).json()["examples"]
+    ] == [negative["id"]]
+    assert client.get("/api/kb/examples?q=PARCEL&source=api", headers=key_header).json()["total"] == 1
+    exported = client.get("/api/conversations/examples.csv", headers=key_header)
+    assert exported.status_code == 200 and "my parcel never came" in exported.text
+
+    unknown = client.post("/api/kb/examples", headers=key_header, json={"query": "x", "faq_id": "no-such-entry"})
+    assert unknown.status_code == 404 and "kb list" in unknown.json()["fix"]
+    assert client.post("/api/kb/examples", headers=key_header, json={"faq_id": "orders-002"}).status_code == 422
+
+    for e in (example, negative):
+        assert client.delete(f"/api/kb/examples/{e['id']}", headers=key_header).json() == {"removed": 1}
+    assert example["query"] not in engine.kb.learned_questions("shipping-003")
+    gone = client.delete(f"/api/kb/examples/{example['id']}", headers=key_header)
+    assert gone.status_code == 404 and gone.json()["error"] == "NotFoundError"
+
+
 def test_wrong_basic_login_is_refused(client: TestClient) -> None:
     token = base64.b64encode(b"admin:not-the-password").decode()
     response = client.get("/api/kb/entries", headers={"Authorization": f"Basic {token}"})

@@ -10,7 +10,8 @@ waiting for a generation slot) and the event loop never blocks.
 | ``POST /api/chat`` (JSON, or SSE with ``"stream": true``), ``POST /api/feedback`` | none; chat is rate-limited per client |
 | ``GET /api/suggestions``, ``GET /api/health`` | none |
 | ``GET/POST /api/kb/entries``, ``GET/PUT/DELETE /api/kb/entries/{id}``, ``POST /api/kb/upload``, ``GET /api/kb/search`` | API key or admin login |
-| ``GET /api/conversations/export.csv`` | API key or admin login |
+| ``GET/POST /api/kb/examples``, ``DELETE /api/kb/examples/{id}`` (labelled examples) | API key or admin login |
+| ``GET /api/conversations/export.csv``, ``GET /api/conversations/examples.csv`` | API key or admin login |
 | ``POST /v1/chat/completions``, ``GET /v1/models`` | none, or the API key when ``server.api_key`` is set |
 
 Entry ids may contain ``/``: the ``{id}`` segment takes the rest of the path (``{id:path}``), so
@@ -45,6 +46,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicC
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatbot import learning
 from chatbot.engine import MAX_MESSAGE_CHARS
 from chatbot.settings import Settings
 from knowledge_base.entry import content_id, normalize_text
@@ -351,6 +353,37 @@ class UploadReport(BaseModel):
     answers_pending: int = Field(
         0, description="entries searchable by their questions, whole-entry vectors still embedding in the background"
     )
+
+
+class ExampleBody(BaseModel):
+    """A resolved customer question: ``query`` is answered by entry ``faq_id`` (or, with
+    ``positive`` false, was wrongly answered by it). Redacted like the conversation log."""
+
+    query: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    faq_id: str = Field(min_length=1, description="the entry that answers it")
+    positive: bool = True
+    conversation_id: str | None = None
+    message_id: int | None = None
+
+
+class Example(BaseModel):
+    id: int
+    query: str
+    entry_id: str
+    source: str
+    positive: bool
+    created_at: float
+    conversation_id: str | None = None
+    message_id: int | None = None
+
+
+class ExampleList(BaseModel):
+    examples: list[Example]
+    total: int
+
+
+class ExamplesRemoved(BaseModel):
+    removed: int
 
 
 class SearchResult(BaseModel):
@@ -770,6 +803,43 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth, gu
         )
         return {**report.to_dict(), "added_ids": report.added_ids, "updated_ids": report.updated_ids}
 
+    @kb_routes.post("/examples", response_model=Example, status_code=201, responses=AUTH_ERRORS)
+    async def add_example(body: ExampleBody) -> dict[str, Any]:
+        """Label a customer question with the entry that answers it: stored as an example, and a
+        positive one is a learned phrasing of the entry at once (searchable when this returns)."""
+        example = await call(
+            learning.learn,
+            engine.kb,
+            engine.store,
+            body.query,
+            body.faq_id,
+            source="api",
+            positive=body.positive,
+            conversation_id=body.conversation_id,
+            message_id=body.message_id,
+        )
+        return example.to_dict()
+
+    @kb_routes.get("/examples", response_model=ExampleList, responses=AUTH_ERRORS)
+    async def list_examples(
+        faq_id: Annotated[str | None, Query(description="examples of this entry")] = None,
+        source: Annotated[str | None, Query(description="clarify, thumbs_up, thumbs_down, phrasing, ...")] = None,
+        q: Annotated[str | None, Query(description="substring of the query")] = None,
+        positive: bool | None = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> dict[str, Any]:
+        """Labelled examples, newest first."""
+        found = await call(engine.kb.examples, entry_id=faq_id, source=source, text=q, positive=positive, limit=limit)
+        return {"examples": [e.to_dict() for e in found], "total": len(found)}
+
+    @kb_routes.delete("/examples/{example_id}", response_model=ExamplesRemoved, responses=AUTH_ERRORS)
+    async def delete_example(example_id: int) -> dict[str, Any]:
+        """Undo a wrong label: the example and the learned phrasing it made are gone at once."""
+        removed = await call(engine.kb.forget, [example_id])
+        if not removed:
+            raise NotFoundError(f"no example with id {example_id}", fix="GET /api/kb/examples lists the ids")
+        return {"removed": removed}
+
     @kb_routes.get("/search", response_model=SearchResponse, responses=AUTH_ERRORS)
     async def search(
         q: Annotated[str, Query(min_length=1, max_length=MAX_MESSAGE_CHARS)],
@@ -801,6 +871,23 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth, gu
             buffer.getvalue().encode("utf-8"),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="conversations-{stamp}.csv"'},
+        )
+
+    @conv_routes.get(
+        "/examples.csv",
+        response_class=Response,
+        responses={**AUTH_ERRORS, 200: {"content": {"text/csv": {}}}},
+    )
+    async def export_examples() -> Response:
+        """The labelled examples (resolved questions), joined to the conversation export by
+        ``conversation_id`` and ``message_id``, as CSV."""
+        buffer = io.StringIO()
+        await call(learning.export_examples_csv, engine.kb, buffer)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Response(
+            buffer.getvalue().encode("utf-8"),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="examples-{stamp}.csv"'},
         )
 
     # -- OpenAI-compatible ------------------------------------------------------------------------
