@@ -136,6 +136,7 @@ class BatchScheduler:
         self.warmup_s = 0.0
         self.steps = 0
         self.rebases = 0
+        self.tokens_out = 0  # tokens handed to requests, all time
         # Device state of the batch: the token each row feeds next, its RoPE position, its mask.
         dev = self.device
         self._next = torch.zeros((slots, 1), dtype=torch.long, device=dev)
@@ -196,6 +197,7 @@ class BatchScheduler:
                 "queued": len(self._queue),
                 "steps": self.steps,
                 "rebases": self.rebases,
+                "tokens": self.tokens_out,
                 "step_mode": self.step_mode,
                 "warmup_s": round(self.warmup_s, 2),
             }
@@ -430,6 +432,7 @@ class BatchScheduler:
                     self._finish(row, request)
                     continue
                 request.generated += 1
+                self.tokens_out += 1
                 request.tokens.put(token)
                 if request.generated >= request.max_new_tokens:
                     self._finish(row, request)
