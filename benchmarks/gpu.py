@@ -251,6 +251,7 @@ def product_generator(loaded: Any, slots: int, data_dir: Path, window: int) -> A
         settings.model, batching="on", compile="auto", context_window=window, max_new_tokens=128
     )
     generator = LocalGenerator(model_settings, data_dir, loaded=loaded, slots=slots)
+    assert generator.scheduler is not None
     generator.scheduler.ready.wait()
     return generator
 
@@ -392,7 +393,9 @@ def load_section(
             static = raw_generate(model, prompts, plan.new_tokens, static=True)
             label = "compiled" if plan.device.type == "cuda" else "static cache, eager on CPU"
             report.put(section, "raw_static_warmup_s", static["warmup_s"], f"raw static generate warm-up (s, {label})")
-            report.put(section, "raw_static_tok_s", static["decode_tok_s"], f"raw static generate decode tok/s ({label})")
+            report.put(
+                section, "raw_static_tok_s", static["decode_tok_s"], f"raw static generate decode tok/s ({label})"
+            )
             report.put(
                 section, "raw_static_end_to_end_tok_s", static["end_to_end_tok_s"], "raw static generate incl. prefill"
             )
@@ -403,7 +406,9 @@ def load_section(
             free(plan.device)
 
 
-def finetune_section(report: Report, plan: Plan) -> None:
+def finetune_section(report: Report, plan: Plan, cached: dict[str, Any]) -> None:
+    cached.clear()  # the serving model's memory goes back before training starts
+    free(plan.device)
     try:
         from benchmarks.gpu_finetune import compare_finetune  # type: ignore[import-not-found]
     except Exception as exc:  # written by another change; the serving figures stand alone
@@ -423,7 +428,7 @@ def finetune_section(report: Report, plan: Plan) -> None:
     report.say("fine-tune recipe vs plain peft loop (1.5B shape):")
     for key, value in result.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-        print(f"    {str(key):<{width}}  {shown}", flush=True)
+        print(f"    {key!s:<{width}}  {shown}", flush=True)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -484,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "32": lambda: load_section(report, plan, "1.5b", 32, raw_static=True, cached=cached),
         "8": lambda: load_section(report, plan, "1.5b", 8, raw_static=False, cached=cached),
         "8b": lambda: load_section(report, plan, "8b", 1, raw_static=False, cached=cached),
-        "finetune": lambda: (cached.clear(), free(device), finetune_section(report, plan)),
+        "finetune": lambda: finetune_section(report, plan, cached),
     }
     for key in [s.strip() for s in args.sections.split(",") if s.strip()]:
         if key not in jobs:

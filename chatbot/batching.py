@@ -143,7 +143,9 @@ class BatchScheduler:
         self._pos = torch.zeros((slots, 1), dtype=torch.long, device=dev)
         self._mask = torch.zeros((slots, max_len), dtype=torch.bool, device=dev)
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
-        self._seen = torch.zeros((slots, self._vocab), dtype=torch.bool, device=dev) if repetition_penalty != 1.0 else None
+        self._seen = (
+            torch.zeros((slots, self._vocab), dtype=torch.bool, device=dev) if repetition_penalty != 1.0 else None
+        )
         self._start = [0] * slots  # first cache column of each row's span
         self._t = 0  # the shared write index (mirrors the cache's cumulative_length)
         self._cache = self._new_cache()
@@ -221,7 +223,8 @@ class BatchScheduler:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = next(self.model.parameters()).dtype
         probe = torch.zeros((self.slots, heads, 1, head_dim), dtype=dtype, device=self.device)
-        for layer in cache.layers:
+        layers: list[Any] = list(cache.layers)
+        for layer in layers:
             if not getattr(layer, "is_initialized", False):
                 layer.lazy_initialization(probe, probe)
         return cache
@@ -377,7 +380,8 @@ class BatchScheduler:
             row = self._rows.index(None)
             rows.append(row)
             n = len(request.prompt)
-            for layer, source in zip(self._cache.layers, prefill_cache.layers, strict=True):
+            pairs: list[tuple[Any, Any]] = list(zip(self._cache.layers, prefill_cache.layers, strict=True))
+            for layer, source in pairs:
                 layer.keys[row, :, t - n : t] = source.keys[i, :, longest - n :]
                 layer.values[row, :, t - n : t] = source.values[i, :, longest - n :]
             self._mask[row].zero_()

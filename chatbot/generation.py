@@ -246,7 +246,7 @@ class LocalGenerator(Generator):
                 peft = PeftModel.from_pretrained(self._base, str(path))
                 for module in peft.modules():
                     if isinstance(module, BaseTunerLayer):
-                        weight = module.get_base_layer().weight
+                        weight: Any = module.get_base_layer().weight
                         self._originals.append((weight, weight.detach().to("cpu", copy=True)))
                 peft.merge_and_unload()
             finally:
