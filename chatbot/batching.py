@@ -122,7 +122,11 @@ class BatchScheduler:
         self.name = name
         self.device = next(model.parameters()).device
         self._cache_kw = cache_argument(model)
-        self._eager_attention = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if attention not in ("sdpa", "eager"):
+            # flash / flex kernels take no 4D mask: each row's span could not be masked.
+            raise ValueError(f"batching needs sdpa or eager attention, the model uses {attention!r}")
+        self._eager_attention = attention == "eager"
         self._cond = threading.Condition()
         self._queue: collections.deque[BatchRequest] = collections.deque()
         self._rows: list[BatchRequest | None] = [None] * slots
@@ -224,6 +228,9 @@ class BatchScheduler:
         dtype = next(self.model.parameters()).dtype
         probe = torch.zeros((self.slots, heads, 1, head_dim), dtype=dtype, device=self.device)
         layers: list[Any] = list(cache.layers)
+        if any(getattr(layer, "is_sliding", False) or not hasattr(layer, "cumulative_length") for layer in layers):
+            # A sliding-window (ring) layer does not keep a row's span where the shared time axis says.
+            raise ValueError("batching needs full-attention static cache layers (no sliding window)")
         for layer in layers:
             if not getattr(layer, "is_initialized", False):
                 layer.lazy_initialization(probe, probe)
@@ -235,22 +242,24 @@ class BatchScheduler:
             layer.cumulative_length.fill_(t)
 
     def _rebase(self, t_new: int) -> None:
-        """Move every active row's span to end at ``t_new`` (outside the captured step)."""
+        """Move every active row's span to end at ``t_new`` (outside the captured step).
+
+        Every span ends at ``t``, so all rows move by the same offset: one copy of the last ``m``
+        columns (``m`` the longest span) per cache tensor, whatever the number of rows."""
         self.rebases += 1
         t = self._t
-        for row, request in enumerate(self._rows):
-            if request is None:
-                continue
-            start = self._start[row]
-            length = t - start
-            new_start = t_new - length
-            if new_start != start:
-                for layer in self._cache.layers:
-                    for tensor in (layer.keys, layer.values):
-                        tensor[row, :, new_start:t_new] = tensor[row, :, start:t].clone()
-            self._mask[row].zero_()
-            self._mask[row, new_start:t_new] = True
-            self._start[row] = new_start
+        m = max((t - self._start[row] for row, r in enumerate(self._rows) if r is not None), default=0)
+        if t_new < m:
+            raise ValueError(f"cannot rebase to {t_new}: a row spans {m} columns")
+        if m and t_new != t:
+            for layer in self._cache.layers:
+                for tensor in (layer.keys, layer.values):
+                    tensor[:, :, t_new - m : t_new] = tensor[:, :, t - m : t].clone()
+            mask = self._mask[:, t - m : t].clone()
+            self._mask.zero_()
+            self._mask[:, t_new - m : t_new] = mask
+        for row in range(self.slots):
+            self._start[row] += t_new - t
         self._set_time(t_new)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -270,11 +279,11 @@ class BatchScheduler:
                 if self._closed:
                     self._fail_all(RuntimeError("the batch scheduler was closed"))
                     return
+                fn, joiners = None, []
                 if self._between and not any(self._rows):
                     fn, done, failures = self._between.pop(0)
-                else:
-                    fn = None
-                joiners = self._take_joiners() if not self._between else []
+                elif not self._between:  # a pending switch admits no one until it has run
+                    joiners = self._take_joiners()
             if fn is not None:
                 try:
                     fn()
@@ -465,6 +474,10 @@ class BatchScheduler:
         # Every row (free ones too) sees its current column: a row with nothing to attend to gives NaN.
         self._mask[:, self._t] = True
         try:
+            if self._step_fn is not self.model:
+                import torch
+
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
             out = self._step_fn(**self._inputs())
         except Exception as exc:
             if self._step_fn is self.model:
@@ -492,6 +505,7 @@ class BatchScheduler:
             self._set_time(0)
             self._mask[:, 0] = True
             for _ in range(3):  # compile, record the CUDA graph, replay it
+                torch.compiler.cudagraph_mark_step_begin()
                 compiled(**self._inputs())
                 self._set_time(0)
             torch.cuda.synchronize(self.device)

@@ -184,8 +184,11 @@ class LocalGenerator(Generator):
         if use_batching and self._int8:
             log.info("model.batching ignored: int8 models decode one at a time")
         elif use_batching:
-            self._batch = self._start_batching(max(1, slots))
-            self.batches = True
+            try:
+                self._batch = self._start_batching(max(1, slots))
+                self.batches = True
+            except ValueError as exc:
+                log.warning("model.batching off for %s: %s; one generation at a time", self.name, exc)
 
     def _start_batching(self, slots: int) -> BatchScheduler:
         from chatbot.batching import BatchScheduler

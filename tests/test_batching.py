@@ -111,8 +111,32 @@ def test_time_axis_rebases_keep_answers_exact(tiny_settings, chaotic) -> None:
     settings = tiny_settings.replace(model={"context_window": 256})
     sequential, batched = _pair(settings, chaotic, slots=2)
     try:
-        want = [sequential.generate(_messages(q), max_new_tokens=60) for q in QUESTIONS * 2]
-        got = _concurrently(lambda i: batched.generate(_messages((QUESTIONS * 2)[i]), max_new_tokens=60), 12)
+        # Different lengths, so rows leave at different steps and the batch never empties.
+        limits = [30 + (17 * i) % 40 for i in range(12)]
+        want = [sequential.generate(_messages(q), max_new_tokens=n) for q, n in zip(QUESTIONS * 2, limits, strict=True)]
+        # Hold the scheduler until all 12 are queued, so the batch never runs dry (a dry batch
+        # restarts the axis instead of rebasing).
+        gate = threading.Event()
+        holder = threading.Thread(target=batched.scheduler.between_batches, args=(gate.wait,))
+        holder.start()
+        results: list = [None] * 12
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(
+                    i, batched.generate(_messages((QUESTIONS * 2)[i]), max_new_tokens=limits[i])
+                )
+            )
+            for i in range(12)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while batched.scheduler.stats()["queued"] < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in [*threads, holder]:
+            t.join(timeout=120)
+        got = results
         assert got == want
         assert batched.scheduler.stats()["rebases"] > 0  # the 320-column axis ran out and was reused
     finally:
