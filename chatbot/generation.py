@@ -31,14 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from chatbot.models import LoadedModel, chat_token_ids, load_model
 from chatbot.prompts import load_prompt
 from chatbot.settings import ModelSettings
 from knowledge_base.errors import NotFoundError, SupportBotError
 
 if TYPE_CHECKING:
+    import httpx
     import torch
 
     from chatbot.batching import BatchScheduler
@@ -550,6 +549,8 @@ class OpenAIGenerator(Generator):
         self.name = settings.openai_model or "openai"
         self.adapter = None
         self.url = settings.openai_base_url.rstrip("/") + "/chat/completions"
+        import httpx  # here, not at import: the local backend (and a bare GPU box) needs no HTTP client
+
         self._own_client = client is None
         self._client = client if client is not None else httpx.Client(timeout=settings.request_timeout_s)
 
@@ -571,6 +572,8 @@ class OpenAIGenerator(Generator):
         return payload
 
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None) -> Iterator[str]:
+        import httpx
+
         headers = {"Accept": "text/event-stream"}
         if self.settings.openai_api_key:
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key}"

@@ -1,6 +1,6 @@
 """benchmarks/gpu.py in its --tiny form: the same code as on a GPU, on CPU in seconds.
 
-Run in a subprocess with faiss, bm25s, gradio and fastapi made unimportable: the GPU box that runs
+Run in a subprocess with faiss, bm25s, gradio, fastapi and httpx made unimportable: the GPU box that runs
 the real benchmark has none of them.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKED = ("faiss", "bm25s", "gradio", "fastapi")
+BLOCKED = ("faiss", "bm25s", "gradio", "fastapi", "httpx")
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
