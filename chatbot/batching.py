@@ -508,6 +508,11 @@ class BatchScheduler:
                 torch.compiler.cudagraph_mark_step_begin()
                 compiled(**self._inputs())
                 self._set_time(0)
+            # One small eager prefill too: its kernels load now, not in the first customer's TTFT.
+            from transformers import DynamicCache
+
+            ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: DynamicCache()})
             torch.cuda.synchronize(self.device)
             self._step_fn = compiled
             self.step_mode = "compiled"
