@@ -501,6 +501,7 @@ class BatchScheduler:
 
         start = time.perf_counter()
         try:
+            _cudagraph_thread_state()
             compiled = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
             self._set_time(0)
             self._mask[:, 0] = True
@@ -517,9 +518,38 @@ class BatchScheduler:
             self._step_fn = compiled
             self.step_mode = "compiled"
         except Exception as exc:
-            log.warning("compiling the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+            log.warning(
+                "compiling the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc, exc_info=True
+            )
             self.step_mode = f"eager (compile failed: {type(exc).__name__})"
         finally:
             self._reset()
             self.warmup_s = time.perf_counter() - start
         log.info("decode step for %d slots: %s after %.1f s warm-up", self.slots, self.step_mode, self.warmup_s)
+
+
+def _cudagraph_thread_state() -> None:
+    """Give this thread the CUDA-graph-tree registry that torch sets up only in the importing thread.
+
+    The decode step is compiled and replayed on the scheduler's own thread. torch before 2.13 keeps
+    its CUDA graph trees in a ``threading.local`` filled at import, and in any other plain thread
+    ``cudagraph_trees.get_obj`` fails a bare ``assert`` (seen on an H200 with torch 2.11: every
+    compile fell back to eager). torch 2.13 initialises the registry lazily per thread; this does
+    the same for older versions and nothing where it is already there.
+    """
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    init = getattr(cudagraph_trees, "_initialize_tls", None)
+    if init is not None:
+        init(local)
+        return
+    from collections import defaultdict
+
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
