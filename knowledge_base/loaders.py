@@ -106,6 +106,7 @@ MAX_PROBLEMS_SHOWN = 50
 #: A number in a JSON record longer than this is refused while parsing: Python refuses to turn an
 #: integer of more than 4,300 digits into text, and no FAQ field needs a number this long.
 MAX_NUMBER_DIGITS = 100
+_FORMULA_CHARS = frozenset("=+-@\t\r")
 
 
 @dataclass
@@ -434,6 +435,13 @@ def _long_cell(where: str, which: str, length: int, settings: KBSettings) -> Pro
     )
 
 
+def _unquote_formula(cell: str) -> str:
+    """Undo :func:`knowledge_base.export.spreadsheet_safe`: exported cells that would start like a
+    formula carry a leading ``'``, which a spreadsheet hides and this drops, so an export loads back
+    unchanged (a cell that really starts with ``'=`` is vanishingly rare in an FAQ)."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in _FORMULA_CHARS else cell
+
+
 def _records_from_table(
     rows: Iterator[tuple[int, list[str]]], name: str, settings: KBSettings
 ) -> Iterator[_Record | Problem]:
@@ -486,7 +494,7 @@ def _records_from_table(
         if len(row[longest]) > settings.max_cell_chars:
             yield _long_cell(f"{name}:{line}", f"cell {longest + 1}", len(row[longest]), settings)
             continue
-        cells = row + [""] * (len(header) - len(row))
+        cells = [_unquote_formula(c) for c in row] + [""] * (len(header) - len(row))
         extra = {label: normalize_text(cells[i]) for i, label in extra_columns.items() if cells[i].strip()}
         yield _Record(f"{name}:{line}", {c: cells[i] for c, i in columns.items()}, extra)
 

@@ -212,6 +212,8 @@ def test_feedback_up_and_down(client: TestClient, engine: ChatEngine) -> None:
     assert queued and queued[0].reason == "thumbs_down"
 
     assert client.post("/api/feedback", json={"message_id": 10**9, "rating": "up"}).status_code == 404
+    for out_of_range in (2**63, -1, 0, 10**30):  # SQLite integers are 64-bit: no 500 from an overflow
+        assert client.post("/api/feedback", json={"message_id": out_of_range, "rating": "up"}).status_code == 422
     bad = client.post("/api/feedback", json={"message_id": answer["message_id"], "rating": "meh"})
     assert bad.status_code == 422
 

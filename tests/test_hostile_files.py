@@ -322,3 +322,56 @@ def test_an_xlsx_row_padded_to_many_columns_keeps_only_the_written_cells(tmp_pat
     path = tmp_path / "faq.xlsx"
     book.save(path)
     assert [e.question for e in load_faq_file(path, KB).entries] == ["How do I pay?"]
+
+
+# --- exports: no cell a spreadsheet would run as a formula --------------------------------------------
+
+FORMULAS = [
+    '=HYPERLINK("http://evil.example","Click")',
+    "=cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd",
+    "+1+cmd",
+    "-2+cmd",
+    "\t=1",
+    "\r=1",
+]
+
+
+def _csv_cells(text: str, delimiter: str = ",") -> list[str]:
+    import csv
+
+    return [cell for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) for cell in row]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_kb_export_neutralises_formula_cells_and_loads_back(fmt: str) -> None:
+    from knowledge_base.entry import FAQEntry
+
+    entries = [
+        FAQEntry(id=f"e{i}", question=f"{formula} question {i}?", answer=formula, tags=(formula.strip(),))
+        for i, formula in enumerate(FORMULAS)
+    ]
+    text = render_entries(entries, fmt).decode("utf-8-sig")
+    cells = _csv_cells(text, "\t" if fmt == "tsv" else ",")
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert f"'{FORMULAS[0]}" in cells
+    loaded = load_faq_bytes(text.encode(), f"faq.{fmt}", KB).entries
+    assert [(e.answer, e.question) for e in loaded] == [
+        (e.answer.strip(), " ".join(e.question.split())) for e in entries
+    ]
+
+
+def test_conversation_export_neutralises_every_text_column(tmp_path: Path) -> None:
+    from chatbot.store import ConversationStore
+
+    store = ConversationStore(tmp_path / "c.sqlite3")
+    cid = store.create_conversation(channel="web")
+    for formula in FORMULAS:
+        store.add_message(cid, "user", formula, question=formula)
+        mid = store.add_message(cid, "assistant", formula, mode="faq", model=formula, adapter=formula)
+        store.add_feedback(mid, "down", formula)
+    buffer = io.StringIO()
+    store.export_csv(buffer)
+    cells = _csv_cells(buffer.getvalue())
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not c[1:].isdigit())]
+    store.close()

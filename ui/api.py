@@ -333,7 +333,7 @@ class ChatResponse(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    message_id: int = Field(description="`message_id` of the answer being rated")
+    message_id: int = Field(ge=1, le=2**63 - 1, description="`message_id` of the answer being rated")
     rating: Literal["up", "down"]
     comment: str = Field("", max_length=MAX_COMMENT_CHARS)
 
