@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from knowledge_base.content_check import check_entry
 from knowledge_base.embeddings import Embedder
 from knowledge_base.entry import FAQEntry, normalize_text, text_hash
 from knowledge_base.errors import IngestError, NotFoundError, Problem
@@ -56,6 +57,8 @@ class AddReport:
     updated_ids: list[str] = field(default_factory=list)
     answers_pending: int = 0
     """Entries searchable by their phrasings but still waiting for their whole-entry vector."""
+    held: dict[str, str] = field(default_factory=dict)
+    """Entries stored but held for review (`knowledge_base.content_check`): id -> reason."""
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -68,6 +71,8 @@ class AddReport:
             out["answers_pending"] = self.answers_pending
         if self.skipped:
             out["skipped"] = [p.to_dict() for p in self.skipped]
+        if self.held:
+            out["held"] = [{"id": i, "reason": r} for i, r in self.held.items()]
         return out
 
 
@@ -286,7 +291,8 @@ class KnowledgeBase:
         for entry_id in gone:
             self.lexical.remove(entry_id)
             self._entries.pop(entry_id, None)
-        live = [e for e in changed if e.enabled]
+        held = self.store.held() if changed else {}
+        live = [e for e in changed if e.enabled and e.id not in held]
         later = answers_later and self.settings.answer_weight > 0
         self._index_entries(live, answers=not later)
         self._entries.update({e.id: e for e in live})
@@ -394,6 +400,7 @@ class KnowledgeBase:
             "phrasings": sum(len(e.questions) for e in self._entries.values()),
             "vectors": len(self.dense) if self.dense else 0,
             "answers_pending": len(self._answers_pending),
+            "held": len(self.store.held()),
             "categories": self.store.categories(),
             "revision": self.store.revision,
             "embedding_model": self.embedder.name,
@@ -403,8 +410,15 @@ class KnowledgeBase:
     # -- writing --------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[FAQEntry], *, source: str | None = None) -> UpsertReport:
         """Insert or update entries; one or two entries save the index files in the background."""
+        holds: dict[str, str] = {}
+        if self.settings.hold_suspicious:
+            approved = self.store.approved_hashes()
+            for entry in entries:
+                reason = check_entry(entry)
+                if reason and approved.get(entry.id) != entry.content_hash:
+                    holds[entry.id] = reason
         with self._lock.writing():
-            report = self.store.upsert(entries, source=source)
+            report = self.store.upsert(entries, source=source, holds=holds)
             changed = report.added + report.updated
             if changed:
                 later = self.background and 0 < self.settings.background_answers_above < len(changed)
@@ -417,6 +431,7 @@ class KnowledgeBase:
         report.unchanged += len(upserted.unchanged)
         report.added_ids += upserted.added
         report.updated_ids += upserted.updated
+        report.held.update(upserted.held)
         report.total = self.store.count()
         report.answers_pending = len(self._answers_pending)
         return report
@@ -499,6 +514,18 @@ class KnowledgeBase:
         if question.casefold() in {q.casefold() for q in entry.questions}:
             return entry
         return self.update(entry_id, alt_questions=(*entry.alt_questions, question))
+
+    def held(self) -> dict[str, str]:
+        """Entries held for review and never served until approved: id -> reason."""
+        return self.store.held()
+
+    def approve(self, entry_ids: Sequence[str]) -> list[str]:
+        """Serve held entries from now on (an operator read them); returns the ids that were held."""
+        with self._lock.writing():
+            approved = self.store.approve(entry_ids)
+            if approved:
+                self._refresh(approved, save_now=True)
+            return approved
 
     def export(self, path: Path) -> int:
         entries = self.store.all()

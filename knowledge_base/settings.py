@@ -38,6 +38,9 @@ class KBSettings:
     max_xlsx_expanded_mb: float = 100.0
     """Uncompressed size of an .xlsx archive, checked from the zip directory before anything is
     read: a small workbook can expand to gigabytes (a zip bomb)."""
+    hold_suspicious: bool = True
+    """Hold entries that address an assistant or ask customers for secrets until an operator
+    approves them (`knowledge_base.content_check`); False stores and serves them at once."""
     max_nesting: int = 20
     """How deeply JSON lists and objects may nest; an FAQ record needs 3 levels."""
     top_k: int = 5
