@@ -62,7 +62,10 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
 
 
 def _kb(args: argparse.Namespace, settings: Settings) -> Any:
-    return open_knowledge_base(settings, progress=progress_bar(sys.stderr.isatty() or not args.json))
+    json_lines = bool(args.json) and not sys.stderr.isatty()
+    return open_knowledge_base(
+        settings, progress=progress_bar(sys.stderr.isatty() or not args.json, json_lines=json_lines)
+    )
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:

@@ -656,7 +656,7 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
     confirm_delete.click(
         delete, [editing, *filters], [*editor_fields, editor_message, *refreshed], api_visibility="private"
     )
-    approve_button.click(approve, [held_pick, *filters], [approve_message, *refreshed], api_visibility="private")
+    approve_button.click(approve, [held_pick, *filters], [approve_message, *refreshed], api_name="kb_approve")
     export_button.click(export, [export_format], [export_file], api_visibility="private")
     probe_button.click(test_retrieval, [probe], [probe_decision, probe_hits], api_name="kb_test")
     probe.submit(test_retrieval, [probe], [probe_decision, probe_hits], api_visibility="private")
