@@ -96,7 +96,7 @@ def section_redaction(report: dict[str, object]) -> None:
     for kind, recall in now["recall"].items():  # type: ignore[attr-defined]
         target = targets.get(kind)
         print(
-            f"{kind:<14}{now['values'][kind]:>7}{recall:>9.3f}{before['recall'].get(kind, 0.0):>9.3f}"  # type: ignore[index]
+            f"{kind:<14}{now['values'][kind]:>7}{recall:>9.3f}{before['recall'].get(kind, 0.0):>9.3f}"  # type: ignore[index, attr-defined]
             + (f"  >= {target:.2f}" if target else "")
         )
     print(f"{'overall':<14}{'':>7}{now['recall_overall']:>9.3f}{before['recall_overall']:>9.3f}  >= 0.90")

@@ -394,7 +394,7 @@ def _first_sheet_rows(data: bytes) -> Iterator[tuple[int, tuple[object, ...]]]:
         reader.archive.close()
 
 
-def _read_xlsx(data: bytes, name: str, settings: KBSettings) -> Iterator[_Record]:
+def _read_xlsx(data: bytes, name: str, settings: KBSettings) -> Iterator[_Record | Problem]:
     import zipfile
 
     if not zipfile.is_zipfile(io.BytesIO(data)):
