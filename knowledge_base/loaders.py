@@ -256,7 +256,11 @@ def _sniff_delimiter(header_line: str) -> str:
     """The delimiter that splits the header into the most known column names (then the most columns)."""
 
     def score(delimiter: str) -> tuple[int, int]:
-        cells = next(csv.reader([header_line], delimiter=delimiter), [])
+        try:
+            cells = next(csv.reader([header_line], delimiter=delimiter), [])
+        except csv.Error:  # e.g. the whole line one field over the csv module's size limit
+            return 0, 0
+        cells = cells[:1000]  # a header of a million cells is refused later; judging it costs seconds
         return sum(_column_key(c) in _COLUMN_BY_ALIAS for c in cells), len(cells)
 
     best = max(_DELIMITERS, key=score)
@@ -295,6 +299,17 @@ def _read_delimited(
         delimiter = _sniff_delimiter(header_line)
     # strict: an unclosed quote is reported where it opens instead of swallowing the rest of the file.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True, strict=True)
+    # Count the rows first (the csv module alone, a fraction of a second for 100,000 rows), so a file
+    # over the limit is refused before its rows are validated one by one.
+    if text.count("\n") + text.count("\r") > settings.max_rows:
+        counter = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            for _ in zip(range(settings.max_rows + skip + 1), counter, strict=False):
+                pass
+        except csv.Error:
+            pass  # reported with its line by the real pass below
+        if counter.line_num > settings.max_rows:
+            raise _too_many_rows(f"{name}:{counter.line_num}", settings)
 
     def rows() -> Iterator[tuple[int, list[str]]]:
         for _ in range(skip):
@@ -657,6 +672,8 @@ def _read_jsonl(text: str, name: str, settings: KBSettings) -> Iterator[_Record 
             pass
         else:
             raise _reject(name, "this is one JSON list, not JSON Lines (one record per line)", "rename it to .json")
+    if text.rstrip("\n").count("\n") >= settings.max_rows:
+        raise _too_many_rows(f"{name}:{settings.max_rows + 1}", settings)
     # Split on "\n" only: JSON strings may hold other line separators (U+2028) that splitlines() would cut.
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():

@@ -375,3 +375,18 @@ def test_conversation_export_neutralises_every_text_column(tmp_path: Path) -> No
     cells = _csv_cells(buffer.getvalue())
     assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not c[1:].isdigit())]
     store.close()
+
+
+def test_a_header_of_a_million_cells_is_refused_quickly() -> None:
+    started = time.perf_counter()
+    message = _reject(b"question,answer" + b",x" * 1_000_000 + b"\nq,a\n", "faq.csv")
+    assert "faq.csv:1: this row has 1,000,002 cells, over the limit of 100 (kb.max_columns)" in message
+    assert time.perf_counter() - started < 10
+
+
+def test_a_file_over_the_row_limit_is_refused_before_its_rows_are_validated() -> None:
+    data = b"question,answer\n" + b"".join(b"q%d,a\n" % i for i in range(120_000))
+    started = time.perf_counter()
+    assert "faq.csv:100001: the file has more than 100,000 rows" in _reject(data, "faq.csv")
+    assert "faq.jsonl:100001: the file has more than 100,000 rows" in _reject(b'{"q": 1}\n' * 120_000, "faq.jsonl")
+    assert time.perf_counter() - started < 5  # a counting pass, not 100,000 validated rows
