@@ -390,3 +390,21 @@ def test_a_file_over_the_row_limit_is_refused_before_its_rows_are_validated() ->
     assert "faq.csv:100001: the file has more than 100,000 rows" in _reject(data, "faq.csv")
     assert "faq.jsonl:100001: the file has more than 100,000 rows" in _reject(b'{"q": 1}\n' * 120_000, "faq.jsonl")
     assert time.perf_counter() - started < 5  # a counting pass, not 100,000 validated rows
+
+
+def test_labelled_examples_export_neutralises_every_text_cell(tmp_path: Path) -> None:
+    import json as _json
+
+    from chatbot.learning import export_examples_csv
+    from knowledge_base.examples import SOURCES
+
+    kb = KnowledgeBase(tmp_path / "kb", KB, HashingEmbedder())
+    records = [{"id": f"=e{i}", "question": f"Question number {i}?", "answer": "An answer."} for i in range(3)]
+    kb.add_bytes(_json.dumps(records).encode(), "faq.json")
+    for i, formula in enumerate(FORMULAS[:3]):
+        kb.learn(formula, f"=e{i}", source=SOURCES[0])
+    buffer = io.StringIO()
+    assert export_examples_csv(kb, buffer) == 3
+    cells = _csv_cells(buffer.getvalue())
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not c[1:].isdigit())]
+    kb.close()
