@@ -69,20 +69,31 @@ def redaction_scores(redact: Callable[[str], str], path: Path = REDACTION_SET) -
     }
 
 
-def _baseline_redact() -> Callable[[str], str]:
-    """The redaction as it was before issue 16, from git (for the side-by-side figures)."""
+BEFORE_ISSUE_16 = "dbd5166"
+"""The commit this work started from: the baselines are its code, run in the same process."""
+
+
+def _module_before(path: str, name: str) -> object | None:
+    """``path`` as it was at :data:`BEFORE_ISSUE_16`, loaded as a module (None outside a git checkout)."""
     import subprocess
     import types
 
     try:
         source = subprocess.run(
-            ["git", "show", "d01d984:chatbot/redact.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "show", f"{BEFORE_ISSUE_16}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return lambda text: text
-    module = types.ModuleType("redact_before_issue16")
-    exec(compile(source, "redact_before_issue16", "exec"), module.__dict__)
-    return module.redact  # type: ignore[no-any-return]
+        return None
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, name, "exec"), module.__dict__)
+    return module
+
+
+def _baseline_redact() -> Callable[[str], str]:
+    """The redaction as it was before issue 16 (for the side-by-side figures)."""
+    module = _module_before("chatbot/redact.py", "redact_before_issue16")
+    return module.redact if module is not None else (lambda text: text)  # type: ignore[attr-defined]
 
 
 def section_redaction(report: dict[str, object]) -> None:
@@ -134,7 +145,8 @@ def section_fuzz(report: dict[str, object], args: argparse.Namespace) -> None:
     settings = KBSettings()
     base = _demo_files(8)
     print(f"\n## fuzz ({args.fuzz_cases} mutated files per format, xlsx a quarter of that; seeded)")
-    print(f"{'format':<8}{'cases':>7}{'loaded':>8}{'rejected':>10}{'crashed':>9}{'worst s':>9}")
+    old = _module_before("knowledge_base/loaders.py", "loaders_before_issue16")
+    print(f"{'format':<8}{'cases':>7}{'loaded':>8}{'rejected':>10}{'crashed':>9}{'worst s':>9}{'crashed before':>16}")
     rows: dict[str, dict[str, object]] = {}
     for suffix in FORMATS:
         rng = random.Random(f"bench{suffix}")
@@ -154,13 +166,24 @@ def section_fuzz(report: dict[str, object], args: argparse.Namespace) -> None:
                 counts["crashed"] += 1
                 crashes.append(f"{type(exc).__name__}: {exc}"[:120])
             worst = max(worst, time.perf_counter() - started)
-        print(f"{suffix:<8}{n:>7}{counts['loaded']:>8}{counts['rejected']:>10}{counts['crashed']:>9}{worst:>9.3f}")
+            if old is not None:
+                try:
+                    old.load_faq_bytes(data, f"faq{suffix}", settings)  # type: ignore[attr-defined]
+                except IngestError:
+                    pass
+                except Exception:  # what the baseline did with the same file
+                    counts["crashed_before"] = counts.get("crashed_before", 0) + 1
+        print(
+            f"{suffix:<8}{n:>7}{counts['loaded']:>8}{counts['rejected']:>10}{counts['crashed']:>9}{worst:>9.3f}"
+            f"{counts.get('crashed_before', 0):>16}"
+        )
         for crash in crashes[:3]:
             print(f"  crash: {crash}")
         rows[suffix] = {"cases": n, **counts, "worst_s": round(worst, 3)}
     total = sum(int(r["cases"]) for r in rows.values())  # type: ignore[call-overload]
     crashed = sum(int(r["crashed"]) for r in rows.values())  # type: ignore[call-overload]
-    print(f"total: {total} cases, {crashed} crashed (target 0; before issue 16 the five crash kinds all raised)")
+    before = sum(int(r.get("crashed_before", 0)) for r in rows.values())  # type: ignore[call-overload]
+    print(f"total: {total} cases, {crashed} crashed (target 0); the loaders before issue 16: {before} crashed")
     report["fuzz"] = {"formats": rows, "cases": total, "crashed": crashed}
 
 
