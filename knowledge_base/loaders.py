@@ -52,11 +52,13 @@ the file as a whole (size, format, encoding, header, malformed JSON) always rais
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -422,8 +424,9 @@ def _read_xlsx(data: bytes, name: str, settings: KBSettings) -> Iterator[_Record
     _check_zip_size(data, name, settings)
     rows: list[tuple[int, list[str]]] = []
     try:
-        with warnings.catch_warnings():
-            # openpyxl warns about workbook features it ignores (styles, data validation): not our concern.
+        # openpyxl warns about workbook features it ignores (styles, data validation): not our concern;
+        # and it print()s about a damaged stylesheet, which must not land in a --json command's stdout.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             for line, row in _first_sheet_rows(data):
                 if line > settings.max_rows:
