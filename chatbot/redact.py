@@ -131,7 +131,9 @@ _MAIL_PROVIDERS = frozenset([*_PROVIDERS_TEXT.split(), "yandex", "mail", "zoho",
 # -- secrets after their keyword ---------------------------------------------------------------------
 _SEP = r"(?P<sep>\s*(?:(?:is|was|=|:|->|-)\s*)*)"
 _PASSWORD_RE = re.compile(
-    rf"\b(?:pass(?:word|wd|phrase)|pwd|pw|login password)\b(?:\s+(?:for|to|on)\s+\S+)?{_SEP}"
+    rf"\b(?:pass(?:word|wd|phrase)|pwd|pw|login password|pass(?=\s*(?:is|was|:|=)\s))\b"
+    # "password for my bank is X", "password to my account: X", "changed my password to X"
+    rf"(?:\s+(?:for|on)\s+(?:my\s+|the\s+)?\S+|\s+to\s+(?:my|the|your)\s+\S+)?(?:(?P<to>\s+to\s+)|{_SEP})"
     r"(?P<value>\"[^\"\n]{1,64}\"|'[^'\n]{1,64}'|[^\s\"']{1,64})",
     re.IGNORECASE,
 )
@@ -143,19 +145,23 @@ _STATE_TEXT = """not wrong incorrect invalid expired too very still being correc
     updated new old no yes protected encrypted hidden shown visible needed asked requested secure safe"""
 _STATE_WORDS = frozenset(_STATE_TEXT.split())
 _PIN_RE = re.compile(
-    rf"\b(?:pin(?:\s*(?:code|number|no\.?))?|passcode)\b{_SEP}(?P<value>\d{{4,8}})(?!\d)", re.IGNORECASE
+    rf"\b(?:pin(?:\s*(?:code|number|no\.?))?|passcode)\b(?:\s+(?:for|to|on|of)\s+(?:my\s+|the\s+)?\S+)?{_SEP}"
+    r"(?P<value>\d{4,8})(?!\d)",
+    re.IGNORECASE,
 )
 _OTP_RE = re.compile(
     r"\b(?:otp|one[- ]time\s+(?:pass)?(?:code|password|pin)|verification\s+code|auth(?:entication)?\s+code|"
     r"2fa\s+code|sms\s+code|login\s+code|security\s+code|confirmation\s+code|access\s+code|"
     r"(?<!postal )(?<!zip )(?<!promo )(?<!discount )(?<!coupon )(?<!voucher )(?<!gift )(?<!error )(?<!area )code)\b"
     # "the code you texted: 123456": a few words may come between the name and a colon
-    rf"(?:(?:\s+[a-z]+){{1,3}}\s*:)?{_SEP}(?P<value>\d{{4,8}}|(?=[a-z]*\d)[a-z0-9]{{6,8}})(?![\w-])",
+    # digits only ("SUMMER10" is a promo code), possibly grouped: "84 21 99"
+    rf"(?:(?:\s+[a-z]+){{1,3}}\s*:)?{_SEP}(?P<value>\d{{4,8}}|\d{{2,3}}(?:[ -]\d{{2,3}}){{1,3}})(?![\w-])",
     re.IGNORECASE,
 )
 _CVV_RE = re.compile(
     rf"\b(?:cvv2?|cvc2?|csc|cvn|security\s+code|card\s+code|card\s+verification(?:\s+(?:code|value))?|"
-    rf"(?:3|three)[- ]digit\s+code(?:\s+on\s+the\s+back)?|code\s+on\s+the\s+back)\b{_SEP}(?P<value>\d{{3,4}})(?!\d)",
+    rf"(?:3|three)[- ]digit\s+code(?:\s+on\s+the\s+back)?|code\s+on\s+the\s+back|"
+    rf"(?:3|three|4|four)\s+digits\s+on\s+the\s+(?:back|front))\b{_SEP}(?P<value>\d{{3,4}})(?!\d)",
     re.IGNORECASE,
 )
 _MONTH_YEAR = r"(?:0?[1-9]|1[0-2])\s?[/-]\s?(?:20)?\d{2}(?![\d/-])"
@@ -422,7 +428,7 @@ def _secret(placeholder: str, *, plain_words: bool = True) -> Callable[[re.Match
             return m[0]
         if not plain_words:
             word = core.casefold()
-            said = bool(re.search(r"is|was|[:=]|->", m["sep"] or "", re.IGNORECASE))
+            said = bool(re.search(r"is|was|[:=]|->", m.groupdict().get("sep") or "", re.IGNORECASE))
             bare = core.rstrip("?!")  # "password policy?" is a question, not a password
             looks_secret = bool(re.search(r"\d|[^\w-]", bare)) or (bare[1:] != bare[1:].lower())
             if word in _STATE_WORDS or (core.isalpha() and core.islower() and word.endswith(("ed", "ing", "ly"))):
