@@ -74,7 +74,8 @@ Added for issue 16 (what customers actually type; measured on ``tests/data/redac
 ``[phone]`` bare national numbers
     a US number of 10 digits (11 with the leading 1; area and exchange starting 2-9) or a Chinese
     mobile (``1[3-9]`` + 9 digits) written as one run, unless an order, invoice, tracking,
-    account, ticket, SKU, part, model or serial word comes just before it.
+    account, ticket, SKU, part, model or serial word comes just before it; the tail of a tracking
+    number printed in groups (``tracking: 1Z 999 AA1 01 2345 6784``) is no phone either.
 
 Names and street addresses are not masked: that needs a named-entity model, and none installs
 offline here (spaCy's English models are not on PyPI; the only mirror there is for spaCy 2).
@@ -211,6 +212,10 @@ _VERSION_WORD_RE = re.compile(r"(?:\bversion|\bver\.?|\bv|\bbuild|\brelease|\bfi
 # -- bare national phone numbers ------------------------------------------------------------------------
 _US_BARE_RE = re.compile(r"1?[2-9]\d{2}[2-9]\d{6}")  # NANP: area and exchange never start with 0 or 1
 _CN_MOBILE_RE = re.compile(r"1[3-9]\d{9}")
+# A tracking number printed in groups ("tracking: 1Z 999 AA1 01 2345 6784"): its tail is no phone.
+_TRACKING_GROUPS_RE = re.compile(
+    r"\b(?:tracking|track|parcel|shipment)\b\W*(?:[A-Za-z0-9]{1,4}\W+){1,5}$", re.IGNORECASE
+)
 _REFERENCE_WORD_RE = re.compile(
     r"\b(?:order|invoice|tracking|track|reference|ref|ticket|case|account|acct|customer|member|sku|item|"
     r"product|serial|parcel|shipment|confirmation|booking|transaction|receipt|policy|membership|part|model|sku)\b\W*(?:no\.?|number|#|is|:)?\W*$",
@@ -297,8 +302,8 @@ def _national_shape(candidate: str, groups: list[str], digits: str, before: str)
         return bool(bare) and not _REFERENCE_WORD_RE.search(before[-30:])
     if len(digits) < 9 or _ZIP4_RE.fullmatch(candidate) or _THOUSANDS_RE.fullmatch(candidate):
         return False
-    if _REFERENCE_WORD_RE.search(before[-30:]):
-        return False  # "part number 4111-2222-33", "SKU 555-12-3456"
+    if _REFERENCE_WORD_RE.search(before[-30:]) or _TRACKING_GROUPS_RE.search(before[-40:]):
+        return False  # "part number 4111-2222-33", "SKU 555-12-3456", "tracking 1Z 999 AA1 01 2345 6784"
     if len(groups) == 2 or all(len(g) == 2 for g in groups):
         return digits.startswith("0")  # 030 1234567, 06 12 34 56 78; not 1000 2000, not 36 38 40 42
     return True
