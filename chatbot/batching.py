@@ -80,6 +80,25 @@ class BatchRequest:
             return None
         return token
 
+    def next_tokens(self, timeout: float | None = None) -> list[int]:
+        """Every token ready now (waits for the first); ``[]`` once the request is over.
+
+        A stream that fell behind the batch takes its backlog in one wake-up (one detokenisation),
+        instead of one per token: fewer thread switches competing with the scheduler for the GIL."""
+        first = self.next_token(timeout)
+        if first is None:
+            return []
+        out = [first]
+        while True:
+            try:
+                token = self.tokens.get_nowait()
+            except queue.Empty:
+                return out
+            if token == _END:
+                self.tokens.put(_END)  # the next call ends the stream (or raises its error)
+                return out
+            out.append(token)
+
 
 def cache_argument(model: Any) -> str:
     """The forward keyword for the KV cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
@@ -383,26 +402,30 @@ class BatchScheduler:
             **{self._cache_kw: prefill_cache},
         )
         logits = out.logits[:, -1, :].float()
-        rows: list[int] = []
         t = self._t
-        for i, request in enumerate(joiners):
-            row = self._rows.index(None)
-            rows.append(row)
-            n = len(request.prompt)
-            pairs: list[tuple[Any, Any]] = list(zip(self._cache.layers, prefill_cache.layers, strict=True))
-            for layer, source in pairs:
-                layer.keys[row, :, t - n : t] = source.keys[i, :, longest - n :]
-                layer.values[row, :, t - n : t] = source.values[i, :, longest - n :]
-            self._mask[row].zero_()
-            self._mask[row, t - n : t] = True
-            self._pos[row, 0] = n
-            self._start[row] = t - n
-            if self._seen is not None:
-                self._seen[row].zero_()
-                self._seen[row, torch.tensor(request.prompt, device=dev)] = True
-            request.slot, request.started_at = row, time.perf_counter()
-            self._rows[row] = request
+        rows = [row for row, r in enumerate(self._rows) if r is None][: len(joiners)]
+        lengths = [len(r.prompt) for r in joiners]
         index = torch.tensor(rows, device=dev)
+        span = torch.tensor(lengths, device=dev)
+        # The whole padded block goes into columns t-longest..t of the joiners' rows, one copy per
+        # cache tensor whatever the number of joiners: each prompt already ends at the block's end
+        # (left padding), and the padding's columns stay hidden by the row's mask.
+        pairs: list[tuple[Any, Any]] = list(zip(self._cache.layers, prefill_cache.layers, strict=True))
+        for layer, source in pairs:
+            layer.keys[index, :, t - longest : t] = source.keys[:, :, :longest]
+            layer.values[index, :, t - longest : t] = source.values[:, :, :longest]
+        columns = torch.arange(self.max_len, device=dev)
+        self._mask[index] = (columns >= t - span[:, None]) & (columns < t)
+        self._pos[index, 0] = span
+        if self._seen is not None:
+            self._seen[index] = False
+            owner = torch.repeat_interleave(index, span)
+            self._seen[owner, torch.tensor([tok for r in joiners for tok in r.prompt], device=dev)] = True
+        now = time.perf_counter()
+        for row, request, length in zip(rows, joiners, lengths, strict=True):
+            self._start[row] = t - length
+            request.slot, request.started_at = row, now
+            self._rows[row] = request
         first = self._pick(logits, index)
         self._emit(rows, first.tolist())
 

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chatbot.detokenize import IncrementalDetokenizer
 from chatbot.models import LoadedModel, chat_token_ids, load_model
 from chatbot.prompts import load_prompt
 from chatbot.settings import ModelSettings
@@ -441,21 +442,14 @@ class LocalGenerator(Generator):
         """Stream one request through the batch scheduler; text is decoded here, off its loop."""
         assert self._batch is not None
         request = self._batch.submit(ids, budget)
-        tokens: list[int] = []
-        sent = ""
+        # Only the newest tokens are decoded (a short window), not the whole answer per token.
+        text = IncrementalDetokenizer(self.tokenizer)
         try:
-            while (token := request.next_token()) is not None:
-                tokens.append(token)
-                text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
-                # Hold back a split multi-byte character until its last byte arrives.
-                if text.endswith("\ufffd") or not text.startswith(sent):
-                    continue
-                if len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
-            text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
-            if text.startswith(sent) and len(text) > len(sent):
-                yield text[len(sent) :]
+            while tokens := request.next_tokens():
+                if delta := text.add(tokens):
+                    yield delta
+            if delta := text.finish():
+                yield delta
         except SupportBotError:
             raise
         except Exception as exc:

@@ -251,3 +251,31 @@ def test_the_engine_guard_judges_each_batched_answer_on_its_own(tiny_settings, c
         assert batched.scheduler.stats()["steps"] > 0
     finally:
         batched.close()
+
+
+def test_joiners_queued_together_prefill_together_and_stay_exact(tiny_settings, chaotic) -> None:
+    """Several requests of different prompt lengths join a running batch in one padded prefill,
+    copied into their rows at once: each still gets exactly its one-at-a-time greedy answer."""
+    sequential, batched = _pair(tiny_settings, chaotic, slots=4)
+    scheduler = batched.scheduler
+    assert scheduler.repetition_penalty != 1.0  # the prompt tokens' penalty state is copied too
+    try:
+        questions, limits = [QUESTIONS[2], QUESTIONS[4], QUESTIONS[5], QUESTIONS[1]], [20, 9, 14, 11]
+        want = [sequential.generate(_messages(q), max_new_tokens=n) for q, n in zip(questions, limits, strict=True)]
+        prompts = [batched._fit(_messages(q), n)[0] for q, n in zip(questions, limits, strict=True)]
+        assert len({len(p) for p in prompts[1:]}) > 1  # the joiners' prompts need padding
+        first = scheduler.submit(prompts[0], limits[0])
+        tokens: list[list[int]] = [[first.next_token(timeout=30)]]  # the first row is decoding now
+        with scheduler._cond:  # the scheduler cannot take joiners until all three are queued
+            joiners = [scheduler.submit(p, n) for p, n in zip(prompts[1:], limits[1:], strict=True)]
+        for request in [first, *joiners]:
+            if request is not first:
+                tokens.append([])
+            while (token := request.next_token(timeout=60)) is not None:
+                tokens[-1].append(token)
+        assert len({r.started_at for r in joiners}) == 1  # admitted in one prefill
+        assert joiners[0].started_at > first.started_at
+        got = [batched.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        assert got == want
+    finally:
+        batched.close()
