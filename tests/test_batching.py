@@ -279,3 +279,22 @@ def test_joiners_queued_together_prefill_together_and_stay_exact(tiny_settings, 
         assert got == want
     finally:
         batched.close()
+
+
+def test_a_stream_behind_the_batch_takes_its_backlog_in_one_call(tiny_settings, chaotic) -> None:
+    _, batched = _pair(tiny_settings, chaotic, slots=2)
+    try:
+        scheduler = batched.scheduler
+        scheduler.eos_ids = set()
+        ids = batched.tokenizer("FAQ entries: Customer question: where", add_special_tokens=False)["input_ids"]
+        request = scheduler.submit(ids, 6)
+        deadline = time.monotonic() + 30
+        while not request.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert request.finished
+        backlog = request.next_tokens(timeout=1)
+        assert len(backlog) == 6 and all(isinstance(t, int) and t >= 0 for t in backlog)
+        assert request.next_tokens(timeout=1) == []  # over, and stays over
+        assert request.next_tokens(timeout=1) == []
+    finally:
+        batched.close()
