@@ -137,7 +137,7 @@ class ChatEngine:
         return final
 
     # -- the retriever version and the thresholds that go with it ---------------------------------
-    def _sync_retriever(self) -> None:
+    def sync_retriever(self) -> None:
         """Pick up a retriever version activated or rolled back in the console or CLI, without a
         restart: the knowledge base re-embeds in the background and swaps when ready (searches are
         served by the old version meanwhile). Costs one small JSON read per question."""
@@ -170,7 +170,7 @@ class ChatEngine:
         return max(self.settings.kb.top_k, self.settings.policy.max_clarify_options)
 
     def retrieve(self, question: str) -> list[SearchHit]:
-        self._sync_retriever()
+        self.sync_retriever()
         return self.kb.search(question, self._retrieval_k)
 
     def decide(self, question: str) -> tuple[list[SearchHit], Decision]:
@@ -198,7 +198,7 @@ class ChatEngine:
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
-        self._sync_retriever()
+        self.sync_retriever()
         policy = self.policy  # one version's thresholds for the whole answer
         question, hits = resolve_followup(message, previous, self.kb.search, self._retrieval_k)
         decision = decide(question, hits, policy)
