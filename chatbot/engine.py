@@ -32,6 +32,8 @@ from knowledge_base.retriever import SearchHit
 
 __all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
 
+_NOT_FAILED = object()
+
 MAX_MESSAGE_CHARS = 4000
 
 
@@ -95,7 +97,7 @@ class ChatEngine:
         self._adapter_version: str | None = None
         # What a rollback to "no retriever version" serves: the embedder the engine was given.
         self._base_embedder = kb.embedder if kb.retriever_version is None else None
-        self._retriever_failed: str | None = None
+        self._retriever_failed: object = _NOT_FAILED  # a version that failed to load is not retried per question
         self._system_prompt = load_prompt("system")
         self._secrets = [
             str(getattr(getattr(settings, section), name))

@@ -27,6 +27,7 @@ from finetune.train import TrainingInterrupted
 from knowledge_base.embeddings import MeanPoolingEmbedder
 from knowledge_base.entry import FAQEntry
 from knowledge_base.errors import ConfigError, SupportBotError
+from knowledge_base.index import DenseIndex
 from knowledge_base.kb import KnowledgeBase
 from knowledge_base.retrievers import RetrieverError, RetrieverRegistry, load_version, serve_version
 from tests.conftest import HashingEmbedder
@@ -367,10 +368,8 @@ def test_background_swap_serves_old_then_new_never_a_mix(settings: Settings) -> 
     hit = kb.search("a refund question added during the swap", 1)[0]
     assert hit.entry.id == "refund" and hit.matched == "a refund question added during the swap"
     kb.close()
-
-    reopened = KnowledgeBase(settings.data_dir / "kb", settings.kb, new, background=False)
-    assert reopened.stats()["vectors"] == kb.stats()["vectors"]  # saved under the new recipe: no rebuild
-    reopened.close()
+    _, _, recipe = DenseIndex.load(settings.data_dir / "kb" / KnowledgeBase.DENSE_FILE)
+    assert recipe.startswith("new;")  # saved with the new model: a restart serving it opens it as is
 
 
 def test_a_search_racing_the_swap_embeds_again_with_the_new_model(settings: Settings) -> None:
@@ -390,7 +389,9 @@ def test_a_search_racing_the_swap_embeds_again_with_the_new_model(settings: Sett
     slow = Slow(1.0, "old")
     kb.embedder = slow
     result: list[float] = []
-    searcher = threading.Thread(target=lambda: result.append(kb.search("How do I get a refund?", 1, mode="dense")[0].dense))
+    searcher = threading.Thread(
+        target=lambda: result.append(kb.search("How do I get a refund?", 1, mode="dense")[0].dense)
+    )
     searcher.start()
     assert embedded.wait(10)
     kb.use_retriever(new, version="v-new", wait=True)
