@@ -425,3 +425,96 @@ def test_load_version_names_the_embedder_by_version(tiny_kb: KnowledgeBase, sett
 
 def test_policy_settings_have_pin_thresholds() -> None:
     assert PolicySettings().pin_thresholds is False
+
+
+# -- reranking at query time ---------------------------------------------------------------------
+
+
+class _FakeReranker:
+    """Prefers the entry whose id is given, whatever the bi-encoder thought."""
+
+    def __init__(self, favourite: str) -> None:
+        self.favourite = favourite
+
+    def score(self, query, texts):  # type: ignore[no-untyped-def]
+        return np.asarray([0.9 if t.startswith(_question_of(self.favourite)) else 0.1 for t in texts], np.float32)
+
+
+def _question_of(entry_id: str) -> str:
+    return next(e.question for e in ENTRIES if e.id == entry_id)
+
+
+def test_an_enabled_reranker_reorders_and_its_score_is_what_thresholds_see(settings: Settings) -> None:
+    kb = KnowledgeBase(settings.data_dir / "kb", settings.kb, HashingEmbedder(), background=False)
+    kb.upsert(ENTRIES)
+    plain = kb.search("How do I get a refund?", 3)
+    assert plain[0].entry.id == "refund"
+    kb.use_retriever(kb.embedder, reranker=_FakeReranker("hours"), version="v-rr", wait=True)
+    hits = kb.search("How do I get a refund?", 3)
+    assert hits[0].entry.id == "hours" and len(hits) == 3
+    assert hits[0].score == pytest.approx(0.9) and hits[1].score == pytest.approx(0.1)
+    assert kb.search("How do I get a refund?", 3, mode="dense")[0].entry.id == "refund"  # raw signals
+    kb.close()
+
+
+def test_reranker_trains_and_the_gate_records_both_figures(
+    tiny_kb: KnowledgeBase, settings: Settings, tiny_st: Path
+) -> None:
+    config = RetrieverTrainConfig(max_steps=2, batch_size=8, max_length=32, reranker="train", reranker_max_anchors=8)
+    report = _train(tiny_kb, settings, tiny_st, config=config).report["reranker"]
+    assert report["trained"] is True
+    assert {"p@1", "bi_encoder_p@1", "latency_p95_ms", "bi_encoder_latency_p95_ms", "reason"} <= set(report)
+    expected = reranker_decision(
+        report["bi_encoder_p@1"], report["p@1"], report["bi_encoder_latency_p95_ms"], report["latency_p95_ms"]
+    )
+    assert (report["enabled"], report["reason"]) == expected
+    version = RetrieverRegistry(settings.data_dir).get("v1")
+    assert version.reranker_enabled is report["enabled"]
+    assert (version.path / "reranker").is_dir() is report["enabled"]  # saved only when it is switched on
+
+
+# -- the CLI and the console job -------------------------------------------------------------------
+
+
+def test_cli_trains_lists_activates_and_rolls_back(
+    settings: Settings, tiny_st: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from chatbot import cli, services
+
+    for name in [n for n in __import__("os").environ if n.startswith("SUPPORTBOT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(services, "make_embedder", lambda s: MeanPoolingEmbedder(tiny_st, model="tiny"))
+    data = str(tmp_path / "cli-data")
+    faq = tmp_path / "faq.json"
+    faq.write_text(json.dumps([{"id": e.id, "question": e.question, "answer": e.answer,
+                                "alt_questions": list(e.alt_questions)} for e in ENTRIES]))  # fmt: skip
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"query": q, "faq_id": e}) + "\n" for q, e in EXAMPLES))
+
+    def run(*args: str) -> tuple[int, dict]:
+        code = cli.main([*args, "--data-dir", data, "--json"])
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out.strip() else {}
+
+    assert run("kb", "add", str(faq))[0] == 0
+    code, out = run("finetune", "--retriever", "--output", "r1", "--base-model", str(tiny_st),
+                    "--examples", str(examples), "--max-steps", "2", "--reranker", "off", "--no-progress")  # fmt: skip
+    assert code == 0 and out["retriever"] == "r1" and out["report"]["training"]["steps"] == 2
+    assert set(out["thresholds"]) == {"relevance_threshold", "faq_threshold", "clarify_margin"}
+    assert run("retrievers", "list")[1]["retrievers"][0]["name"] == "r1"
+    assert run("retrievers", "activate", "r1")[1]["active"] == "r1"
+    assert run("retrievers", "remove", "r1")[0] == 2  # the active one is refused
+    assert run("retrievers", "rollback")[1]["active"] is None
+    assert run("retrievers", "remove", "r1")[1]["removed"] == "r1"
+
+
+def test_console_job_uses_the_cli_validation() -> None:
+    from ui.jobs import main, retriever_command
+
+    argv = retriever_command("ret-1", epochs=2, reranker="off", activate=True)
+    assert argv[1:4] == ["-m", "ui.jobs", "finetune-retriever"]
+    assert argv[4:] == ["--output", "ret-1", "--activate", "--epochs", "2", "--reranker", "off"]
+    with pytest.raises(ConfigError) as info:
+        retriever_command("bad name!", epochs=-1)
+    assert "--output" in str(info.value) and "--epochs" in str(info.value)
+    assert main(["finetune-retriever", "--output", "x", "--examples", "/no/such/file.jsonl"]) == 2
