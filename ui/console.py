@@ -1094,10 +1094,10 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
     def poll(seen: str) -> tuple[Any, ...]:
         status = runner.status()
         if status is None:
-            return (gr.skip(),) * 5 + (seen,)
+            return (gr.skip(),) * 6 + (seen,)
         key = f"{status.name}|{status.state}|{status.phase}|{status.step}|{len(status.log_tail)}|{status.finished_at}"
         if key == seen:
-            return (gr.skip(),) * 5 + (seen,)
+            return (gr.skip(),) * 6 + (seen,)
         bar = f"<div class='sb-progress'><div style='width:{100 * status.fraction:.1f}%'></div></div>"
         head = html.escape(status.summary())
         body = f"<p><strong>{head}</strong></p>{bar}"
@@ -1109,8 +1109,9 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         frame = pd.DataFrame(losses, columns=["step", "loss", "split"])
         finished_now = not status.running and (not seen or seen.split("|")[1] == "running")
         adapters = adapters_view_values()[0] if finished_now else gr.skip()
+        retrievers = retriever_parts[0]()[0] if finished_now else gr.skip()
         log_text = "\n".join(status.log_tail[-60:])
-        return body, frame, log_text, _eval_table(status.result), adapters, key
+        return body, frame, log_text, _eval_table(status.result), adapters, retrievers, key
 
     def do_activate(name: str | None) -> tuple[Any, ...]:
         if not name:
@@ -1164,7 +1165,7 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
     timer.tick(
         poll,
         [last_seen],
-        [job_status, loss_plot, job_log, eval_table, adapters_view, last_seen],
+        [job_status, loss_plot, job_log, eval_table, adapters_view, retriever_parts[1][0], last_seen],
         api_visibility="private",
         show_progress="hidden",
     )
@@ -1223,13 +1224,13 @@ def _retriever_section(engine: Any, settings: Settings, runner: JobRunner) -> tu
         remove_button = gr.Button("Delete", variant="stop", scale=1)
     message = gr.Markdown()
 
-    def values() -> tuple[Any, ...]:
+    def retriever_values() -> tuple[Any, ...]:
         versions = registry.list()
         active = next((v.name for v in versions if v.active), None)
         names = [v.name for v in versions]
         return retrievers_table(versions), gr.update(choices=names, value=active or (names[-1] if names else None))
 
-    def start(text: str, n_epochs: float, mode: str, do_activate: bool, do_resume: bool, do_overwrite: bool) -> str:
+    def start_retriever(text: str, n_epochs: float, mode: str, do_activate: bool, do_resume: bool, do_overwrite: bool) -> str:
         output = (text or "").strip()
         try:
             argv = retriever_command(
@@ -1252,34 +1253,34 @@ def _retriever_section(engine: Any, settings: Settings, runner: JobRunner) -> tu
             return " " + _error_text(exc)
         return " Re-embedding in the background; the previous version answers until the swap."
 
-    def do_activate(selected: str | None) -> tuple[Any, ...]:
+    def activate_retriever(selected: str | None) -> tuple[Any, ...]:
         if not selected:
-            return ("Pick a retriever.", *values())
+            return ("Pick a retriever.", *retriever_values())
         try:
             version = registry.activate(selected)
         except SupportBotError as exc:
-            return (_error_text(exc), *values())
-        return (f"✅ `{html.escape(version.name)}` activated.{swap_note()}", *values())
+            return (_error_text(exc), *retriever_values())
+        return (f"✅ `{html.escape(version.name)}` activated.{swap_note()}", *retriever_values())
 
-    def do_rollback() -> tuple[Any, ...]:
+    def rollback_retriever() -> tuple[Any, ...]:
         version = registry.rollback()
         what = f"`{html.escape(version.name)}`" if version else "the configured embedding model"
-        return (f"↩️ Rolled back to {what}.{swap_note()}", *values())
+        return (f"↩️ Rolled back to {what}.{swap_note()}", *retriever_values())
 
-    def do_remove(selected: str | None) -> tuple[Any, ...]:
+    def remove_retriever(selected: str | None) -> tuple[Any, ...]:
         if not selected:
-            return ("Pick a retriever.", *values())
+            return ("Pick a retriever.", *retriever_values())
         try:
             registry.remove(selected)
         except SupportBotError as exc:
-            return (_error_text(exc), *values())
-        return (f"🗑️ Deleted `{html.escape(selected)}`.", *values())
+            return (_error_text(exc), *retriever_values())
+        return (f"🗑️ Deleted `{html.escape(selected)}`.", *retriever_values())
 
     start_button.click(
-        start, [name, epochs, reranker, activate, resume, overwrite], [start_message], api_visibility="private"
+        start_retriever, [name, epochs, reranker, activate, resume, overwrite], [start_message], api_visibility="private"
     )
     outputs = [message, view, choice]
-    activate_button.click(do_activate, [choice], outputs, api_visibility="private")
-    rollback_button.click(do_rollback, None, outputs, api_visibility="private")
-    remove_button.click(do_remove, [choice], outputs, api_visibility="private")
-    return values, [view, choice]
+    activate_button.click(activate_retriever, [choice], outputs, api_visibility="private")
+    rollback_button.click(rollback_retriever, None, outputs, api_visibility="private")
+    remove_button.click(remove_retriever, [choice], outputs, api_visibility="private")
+    return retriever_values, [view, choice]
