@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from chatbot.cli import emit, progress_bar
 from chatbot.services import demo_file, open_knowledge_base
@@ -47,6 +47,15 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     p.add_argument("--queries-file", type=Path, help='JSONL with a "query" per line: one output line per input line')
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser(
+        "learn",
+        parents=parents,
+        help='learn resolved questions from a JSONL log ({"query", "faq_id"} per line): each becomes a '
+        "labelled example and a learned phrasing of its entry",
+    )
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_learn)
+
     p = sub.add_parser("reindex", parents=parents, help="rebuild the FAISS and BM25 indexes from SQLite")
     p.set_defaults(func=cmd_reindex)
 
@@ -80,13 +89,17 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    entries = _kb(args, settings).entries(category=args.category)
+    kb = _kb(args, settings)
+    entries = kb.entries(category=args.category)
 
     def text() -> str:
         rows = [f"{e.id}\t{e.category or '-'}\t{'' if e.enabled else '[disabled] '}{e.question}" for e in entries]
         return "\n".join(rows) or "(the knowledge base is empty: supportbot kb add FILE)"
 
-    emit(args, {"entries": [e.to_dict() for e in entries]}, text)
+    # Learned phrasings (from resolved questions) apart from the authored ones: an export and
+    # re-upload of the entries never turns them into authored phrasings.
+    records = [{**e.to_dict(), "learned_questions": kb.learned_questions(e.id)} for e in entries]
+    emit(args, {"entries": records}, text)
     return 0
 
 
@@ -143,6 +156,34 @@ def _format_hits(hits: list[Any]) -> str:
         answer = h.entry.answer if len(h.entry.answer) < 160 else h.entry.answer[:157] + "..."
         lines.append(f"{h.score:.3f}  [{h.entry.id}] {h.entry.question}\n       {answer}")
     return "\n".join(lines)
+
+
+def cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
+    from chatbot.learning import learn_file
+    from chatbot.services import open_conversation_store
+
+    kb = _kb(args, settings)
+    before = cast(int, kb.stats()["learned_phrasings"])
+    store = open_conversation_store(settings)  # its redaction rules; nothing is written there
+    try:
+        learned = learn_file(kb, store, args.file)
+    finally:
+        store.close()
+    after = cast(int, kb.stats()["learned_phrasings"])
+    result = {
+        "examples": len(learned),
+        "entries": len({e.entry_id for e in learned}),
+        "learned_phrasings": after,
+        "learned_phrasings_added": after - before,
+        "file": str(args.file),
+    }
+    emit(
+        args,
+        result,
+        f"learned {result['examples']} examples for {result['entries']} entries; "
+        f"{after} learned phrasings in total ({result['learned_phrasings_added']:+d})",
+    )
+    return 0
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:

@@ -125,7 +125,7 @@ def tokenize(text: str) -> list[str]:
 @dataclass(frozen=True)
 class VectorKey:
     entry_id: str
-    kind: str  # "q" for a question phrasing, "a" for the answer
+    kind: str  # "q" for a question phrasing, "a" for the answer, "l" for a learned phrasing (examples)
     text_hash: str
 
 
@@ -168,6 +168,20 @@ class DenseIndex:
             for vid in vids:
                 del self.keys[vid]
                 self._key_json.pop(vid, None)
+
+    def remove_kind(self, entry_id: str, kind: str) -> None:
+        """Drop one kind of vector of an entry (its learned phrasings, when its examples change)."""
+        vids = [vid for vid in self.by_entry.get(entry_id, []) if self.keys[vid].kind == kind]
+        if vids:
+            self.index.remove_ids(np.asarray(vids, dtype=np.int64))  # type: ignore[arg-type]
+            drop = set(vids)
+            self.by_entry[entry_id] = [vid for vid in self.by_entry[entry_id] if vid not in drop]
+            for vid in vids:
+                del self.keys[vid]
+                self._key_json.pop(vid, None)
+
+    def keys_of(self, entry_id: str) -> list[VectorKey]:
+        return [self.keys[vid] for vid in self.by_entry.get(entry_id, [])]
 
     def search(self, query: np.ndarray, n: int, *, allowed: set[str] | None = None) -> list[tuple[int, float]]:
         """The ``n`` best vectors as (vector id, cosine); ``allowed`` restricts to those entries."""

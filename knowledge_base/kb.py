@@ -24,6 +24,7 @@ import atexit
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,11 @@ import numpy as np
 from knowledge_base.embeddings import Embedder
 from knowledge_base.entry import FAQEntry, normalize_text, text_hash
 from knowledge_base.errors import IngestError, NotFoundError, Problem
+from knowledge_base.examples import SOURCES, LabelledExample, learned_key, select_learned
 from knowledge_base.export import export_entries
 from knowledge_base.index import DenseIndex, LexicalIndex, VectorKey
 from knowledge_base.loaders import load_faq_bytes, load_faq_file
+from knowledge_base.private import private_dir
 from knowledge_base.retriever import Reranker, Searcher, SearchHit, rank, rerank
 from knowledge_base.rwlock import ReadWriteLock
 from knowledge_base.settings import KBSettings
@@ -76,8 +79,8 @@ class AddReport:
         return out
 
 
-def _lexical_text(entry: FAQEntry) -> str:
-    return "\n".join([*entry.questions, entry.answer])
+def _lexical_text(entry: FAQEntry, learned: Iterable[str] = ()) -> str:
+    return "\n".join([*entry.questions, *learned, entry.answer])
 
 
 class KnowledgeBase:
@@ -103,7 +106,7 @@ class KnowledgeBase:
         self.embedder = embedder
         self.progress = progress
         self.background = background
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.store = EntryStore(directory / "kb.sqlite3")
         self._lock = ReadWriteLock()  # searches and index saves read; edits write
         self._save_lock = threading.Lock()  # the save timer and the dirty flag, among savers
@@ -111,6 +114,7 @@ class KnowledgeBase:
         self._save_timer: threading.Timer | None = None
         self._dirty = False
         self._answers_pending: set[str] = set()  # entries still without their whole-entry vector
+        self._learned: dict[str, dict[str, str]] = {}  # entry id -> {text hash: learned phrasing}
         self._answers_thread: threading.Thread | None = None
         self._closing = threading.Event()
         atexit.register(self.flush)  # a pending background save is not lost when a CLI process ends
@@ -172,6 +176,7 @@ class KnowledgeBase:
                 reason = "dense index is out of date"
             else:
                 self.dense = dense
+                self._learned = self._learned_texts(dense)
         except FileNotFoundError:
             reason = "no dense index yet"
         except Exception as exc:  # a damaged file is rebuilt, never trusted
@@ -198,13 +203,15 @@ class KnowledgeBase:
             self.dense = DenseIndex(self.embedder.dim)
             self.lexical = LexicalIndex()
             self._answers_pending.clear()
+            self._learned.clear()
             embedded = self._index_entries(list(self._entries.values()))
             self._save()
             self.store.prune_cache(self.embedder.name, self._live_hashes())
             return {"entries": len(self._entries), "vectors": len(self.dense), "embedded": embedded}
 
     def _live_hashes(self) -> set[str]:
-        return {text_hash(t) for pairs in self._vector_texts(self.store.all()) for _, t in pairs}
+        learned = {h for texts in self._learned.values() for h in texts}
+        return learned | {text_hash(t) for pairs in self._vector_texts(self.store.all()) for _, t in pairs}
 
     def _embed(
         self,
@@ -258,9 +265,76 @@ class KnowledgeBase:
             del vectors
             embedded += n_embedded
             done += len(texts)
+        embedded += self._index_learned(entries, lexical=False)
         for entry in entries:
-            self.lexical.add(entry.id, _lexical_text(entry))
+            self.lexical.add(entry.id, self._lexical_of(entry))
         return embedded
+
+    # -- learned phrasings -----------------------------------------------------------------------
+    def _lexical_of(self, entry: FAQEntry) -> str:
+        learned = self._learned.get(entry.id, {}).values() if self.settings.learned_in_bm25 else ()
+        return _lexical_text(entry, learned)
+
+    def _learned_texts(self, dense: DenseIndex) -> dict[str, dict[str, str]]:
+        """The wording of each learned vector of a loaded index (the index keeps hashes only)."""
+        with_learned = {key.entry_id for key in dense.keys.values() if key.kind == "l"}
+        out: dict[str, dict[str, str]] = {}
+        for entry_id, queries in self.store.positive_queries(sorted(with_learned)).items():
+            hashes = {key.text_hash for key in dense.keys_of(entry_id) if key.kind == "l"}
+            out[entry_id] = {text_hash(q): q for q in queries if text_hash(q) in hashes}
+        return out
+
+    def _index_learned(self, entries: Sequence[FAQEntry], *, lexical: bool = True) -> int:
+        """Rebuild the learned phrasings (vectors of kind "l") of these entries from their positive
+        examples (`knowledge_base.examples.select_learned`: newest first, near-duplicates merged,
+        ``kb.learned_per_entry`` at most). Returns the number of texts embedded. Called with the
+        write lock held (or before the index is shared)."""
+        assert self.dense is not None
+        by_id = {e.id: e for e in entries}
+        live = list(by_id)
+        queries = self.store.positive_queries(live) if self.settings.learned_per_entry else {}
+        plans: list[tuple[str, list[str]]] = []
+        for entry_id in live:
+            self.dense.remove_kind(entry_id, "l")
+            self._learned.pop(entry_id, None)
+            if entry_id not in queries:
+                continue
+            seen = {learned_key(q) for q in by_id[entry_id].questions}
+            candidates = []
+            for query in queries.get(entry_id, []):
+                key = learned_key(query)
+                if key and key not in seen:
+                    seen.add(key)
+                    candidates.append(query)
+            if candidates:
+                plans.append((entry_id, candidates))
+        texts = [q for _, candidates in plans for q in candidates]
+        report = self.progress
+
+        def progress(done: int, total: int) -> None:
+            if report:
+                report("embedding learned phrasings", done, total)
+
+        vectors, embedded = self._embed([text_hash(q) for q in texts], texts, progress if len(texts) > 50 else None)
+        start = 0
+        for entry_id, candidates in plans:
+            mine = vectors[start : start + len(candidates)]
+            start += len(candidates)
+            keys, stored = self.dense.vectors_of(entry_id)
+            authored = stored[[i for i, key in enumerate(keys) if key.kind == "q"]]
+            kept = select_learned(candidates, mine, authored, cap=self.settings.learned_per_entry)
+            hashes = [text_hash(candidates[i]) for i in kept]
+            self.dense.add([VectorKey(entry_id, "l", h) for h in hashes], mine[kept])
+            self._learned[entry_id] = {h: candidates[i] for h, i in zip(hashes, kept, strict=True)}
+        if lexical and self.settings.learned_in_bm25:
+            for entry in by_id.values():
+                self.lexical.add(entry.id, self._lexical_of(entry))
+        return embedded
+
+    def learned_questions(self, entry_id: str) -> list[str]:
+        """The learned phrasings of an entry as searched now, newest first (apart from its own)."""
+        with self._lock.reading():
+            return list(self._learned.get(entry_id, {}).values())
 
     def _save(self) -> None:
         assert self.dense is not None
@@ -311,6 +385,7 @@ class KnowledgeBase:
         for entry_id in gone:
             self.lexical.remove(entry_id)
             self._entries.pop(entry_id, None)
+            self._learned.pop(entry_id, None)
         live = [e for e in changed if e.enabled]
         later = answers_later and self.settings.answer_weight > 0
         self._index_entries(live, answers=not later)
@@ -420,6 +495,7 @@ class KnowledgeBase:
                     k=max(k, self.rerank_top) if reranker is not None else k,
                     allowed=allowed,
                     mode=mode,
+                    learned=self._learned,
                 )
             # The reranker was taken under the same lock as the index: old pair or new pair.
             return rerank(query, hits, reranker, k) if reranker is not None else hits
@@ -430,6 +506,8 @@ class KnowledgeBase:
             "entries": self.store.count(),
             "enabled": len(self._entries),
             "phrasings": sum(len(e.questions) for e in self._entries.values()),
+            "learned_phrasings": sum(len(texts) for texts in self._learned.values()),
+            "examples": self.store.example_counts(),
             "vectors": len(self.dense) if self.dense else 0,
             "answers_pending": len(self._answers_pending),
             "categories": self.store.categories(),
@@ -449,14 +527,19 @@ class KnowledgeBase:
         *,
         extra: Sequence[tuple[str, str]] = (),
         progress: Callable[[int, int], None] | None = None,
+        learned: bool = True,
     ) -> DenseIndex:
-        """A new dense index of ``entries`` (every vector kind they have) embedded with ``embedder``;
-        ``extra``: more (entry id, phrasing) vectors of kind "q". Cached vectors are reused and
-        new ones cached under the embedder's name, so a later swap to it embeds nothing."""
+        """A new dense index of ``entries`` (every vector kind they have, learned phrasings too
+        unless ``learned`` is False) embedded with ``embedder``; ``extra``: more (entry id,
+        phrasing) vectors of kind "q". Cached vectors are reused and new ones cached under the
+        embedder's name, so a later swap to it embeds nothing."""
         keys, texts = [], []
         for entry, pairs in zip(entries, self._vector_texts(entries, embedder=embedder), strict=True):
             for kind, text in pairs:
                 keys.append(VectorKey(entry.id, kind, text_hash(text)))
+                texts.append(text)
+            for text in self._learned.get(entry.id, {}).values() if learned else ():
+                keys.append(VectorKey(entry.id, "l", text_hash(text)))
                 texts.append(text)
         for entry_id, text in extra:
             keys.append(VectorKey(entry_id, "q", text_hash(text)))
@@ -484,7 +567,9 @@ class KnowledgeBase:
         embedder = embedder or self.embedder
         with self._lock.reading():
             entries = dict(self._entries)
-        dense = self._build_dense(list(entries.values()), embedder, extra=extra_phrasings, progress=progress)
+        dense = self._build_dense(
+            list(entries.values()), embedder, extra=extra_phrasings, progress=progress, learned="l" not in exclude_kinds
+        )
         if exclude_kinds:
             drop = [vid for vid, key in dense.keys.items() if key.kind in exclude_kinds]
             if drop:
@@ -559,6 +644,7 @@ class KnowledgeBase:
     ) -> None:
         with self._lock.reading():
             snapshot = dict(self._entries)
+            learned = {i: dict(texts) for i, texts in self._learned.items()}
         report = self.progress
 
         def progress(done: int, total: int) -> None:
@@ -570,8 +656,10 @@ class KnowledgeBase:
             ready.wait()
         with self._lock.writing():
             # Edits that landed while we embedded: drop the entries changed or removed, add them anew.
-            stale = {i for i, e in snapshot.items() if self._entries.get(i) is not e}
-            fresh = [e for i, e in self._entries.items() if snapshot.get(i) is not e]
+            # (An entry's learned phrasings may have changed too: `learn` and `forget` leave the entry.)
+            relearned = {i for i in set(learned) | set(self._learned) if learned.get(i) != self._learned.get(i)}
+            stale = {i for i, e in snapshot.items() if self._entries.get(i) is not e} | relearned
+            fresh = [e for i, e in self._entries.items() if snapshot.get(i) is not e or i in relearned]
             dense.remove_entries(stale)
             if fresh:
                 added = self._build_dense(fresh, embedder)
@@ -683,6 +771,107 @@ class KnowledgeBase:
         if question.casefold() in {q.casefold() for q in entry.questions}:
             return entry
         return self.update(entry_id, alt_questions=(*entry.alt_questions, question))
+
+    # -- labelled examples ------------------------------------------------------------------------
+    def learn(
+        self,
+        query: str,
+        entry_id: str,
+        *,
+        source: str,
+        positive: bool = True,
+        conversation_id: str | None = None,
+        message_id: int | None = None,
+    ) -> LabelledExample:
+        """Store one labelled example (``query`` as redacted by the caller); a positive one is a
+        learned phrasing of the entry at once (searchable when this returns)."""
+        query = self._check_example(query, entry_id, source, where="the example")
+        return self._learn([(query, entry_id, source, positive, time.time(), conversation_id, message_id)])[0]
+
+    def learn_many(self, rows: Sequence[tuple[str, str]], *, source: str = "import") -> list[LabelledExample]:
+        """Store ``(query, entry_id)`` positive examples all or nothing (one transaction, one
+        re-index of the entries they touch); every bad row is reported at once."""
+        problems, clean = [], []
+        now = time.time()
+        for number, (query, entry_id) in enumerate(rows, 1):
+            try:
+                text = self._check_example(query, entry_id, source, where=f"row {number}")
+            except (IngestError, NotFoundError) as exc:
+                problems += (
+                    exc.problems if isinstance(exc, IngestError) else [Problem(f"row {number}", exc.message, exc.fix)]
+                )
+                continue
+            clean.append((text, entry_id, source, True, now, None, None))
+        if problems:
+            raise IngestError(problems, title="the examples were rejected, nothing was learned")
+        return self._learn(clean)
+
+    def _check_example(self, query: str, entry_id: str, source: str, *, where: str) -> str:
+        if source not in SOURCES:
+            raise IngestError([Problem(where, f"unknown source {source!r}", f"use one of {', '.join(SOURCES)}")])
+        text = normalize_text(query or "")
+        if not text or len(text) > self.settings.max_question_chars:
+            raise IngestError(
+                [
+                    Problem(
+                        where,
+                        f"the query is empty or over {self.settings.max_question_chars} characters",
+                        "give the customer's question itself",
+                    )
+                ]
+            )
+        self.store.get(entry_id)  # NotFoundError with the fix
+        return text
+
+    def _learn(
+        self, rows: Sequence[tuple[str, str, str, bool, float, str | None, int | None]]
+    ) -> list[LabelledExample]:
+        with self._lock.writing():
+            stored = self.store.add_examples(rows)
+            self._relearn({e.entry_id for e in stored if e.positive}, len(stored))
+            return stored
+
+    def _relearn(self, entry_ids: set[str], changed: int) -> None:
+        """After examples changed: those entries' learned phrasings again, and the index saved
+        (soon for a single example, now for a batch) so that its revision matches the database."""
+        live = [self._entries[i] for i in sorted(entry_ids) if i in self._entries]  # disabled: no vectors
+        if live:
+            self._index_learned(live)
+        self._dirty = True
+        if changed > 2:
+            self.flush()
+        else:
+            self._save_soon()
+
+    def examples(
+        self,
+        *,
+        entry_id: str | None = None,
+        source: str | None = None,
+        text: str | None = None,
+        positive: bool | None = None,
+        limit: int | None = None,
+        conversation_id: str | None = None,
+        message_id: int | None = None,
+    ) -> list[LabelledExample]:
+        """Stored examples matching every filter given, newest first."""
+        return self.store.examples(
+            entry_id=entry_id,
+            source=source,
+            text=text,
+            positive=positive,
+            limit=limit,
+            conversation_id=conversation_id,
+            message_id=message_id,
+        )
+
+    def forget(self, example_ids: Sequence[int]) -> int:
+        """Delete examples and the learned phrasings they made; returns how many existed."""
+        with self._lock.writing():
+            removed = self.store.delete_examples(list(example_ids))
+            if removed:
+                self._relearn({e.entry_id for e in removed if e.positive}, len(removed))
+            return len(removed)
 
     def export(self, path: Path) -> int:
         entries = self.store.all()

@@ -3,7 +3,8 @@
 Each entry is scored on two signals, both in [0, 1]:
 
 * **dense** — cosine similarity between the query's embedding and the entry's closest question
-  phrasing (every phrasing has its own vector), averaged with weight ``kb.answer_weight`` with the
+  phrasing (every phrasing has its own vector; learned phrasings, from resolved customer questions,
+  count alike: see `knowledge_base.examples`), averaged with weight ``kb.answer_weight`` with the
   cosine to a vector of the whole entry (main question + answer, its first ``kb.answer_tokens``
   tokens): ``(q + w * qa) / (1 + w)``.
   The whole-entry vector catches questions worded like the answer rather than like the question.
@@ -35,7 +36,7 @@ hurts StackFAQ (0.831) and makes thresholds meaningless.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -70,19 +71,28 @@ class SearchHit:
         }
 
 
-def _dense_of(index: DenseIndex, entry: FAQEntry, query: np.ndarray, answer_weight: float) -> tuple[float, str]:
-    """(dense score, best-matching phrasing) of one entry for a query vector."""
+def _dense_of(
+    index: DenseIndex,
+    entry: FAQEntry,
+    query: np.ndarray,
+    answer_weight: float,
+    learned: Mapping[str, str] | None = None,
+) -> tuple[float, str]:
+    """(dense score, best-matching phrasing) of one entry for a query vector. A learned phrasing
+    (kind "l", from resolved questions) counts like an authored one; ``learned`` maps their hashes
+    to their text, for ``matched``."""
     keys, vectors = index.vectors_of(entry.id)
     if not keys:
         return 0.0, ""
     cosines = vectors @ query
     best_q, best_hash, whole = 0.0, "", None
     for key, cos in zip(keys, cosines.tolist(), strict=True):
-        if key.kind == "q" and cos > best_q:
+        if key.kind in ("q", "l") and cos > best_q:
             best_q, best_hash = cos, key.text_hash
         elif key.kind == "a":
             whole = max(cos, 0.0)
-    matched = {text_hash(q): q for q in entry.questions}.get(best_hash, entry.question)
+    texts = {text_hash(q): q for q in entry.questions} | dict(learned or {})
+    matched = texts.get(best_hash, entry.question)
     if answer_weight > 0 and whole is not None:  # no whole-entry vector yet (a large upload): phrasings alone
         return (best_q + answer_weight * whole) / (1 + answer_weight), matched
     return max(best_q, 0.0), matched
@@ -105,8 +115,10 @@ def rank(
     k: int,
     allowed: set[str] | None = None,
     mode: str | None = None,
+    learned: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[SearchHit]:
-    """The ``k`` best entries for ``query`` (highest score first)."""
+    """The ``k`` best entries for ``query`` (highest score first). ``learned``: per entry, its
+    learned phrasings by text hash (shown as ``matched`` when one matches best)."""
     mode = mode or settings.retrieval
     pool = max(4 * k, 20)
     candidates: set[str] = set()
@@ -123,7 +135,8 @@ def rank(
         entry = entries.get(entry_id)
         if entry is None:
             continue
-        d, matched = _dense_of(dense, entry, query_vector, settings.answer_weight) if weight < 1 else (0.0, "")
+        mine = learned.get(entry_id) if learned else None
+        d, matched = _dense_of(dense, entry, query_vector, settings.answer_weight, mine) if weight < 1 else (0.0, "")
         lex = lexical_scores.get(entry_id, 0.0)
         hits.append(SearchHit(entry, (1 - weight) * d + weight * lex, d, lex, matched or entry.question))
     hits.sort(key=lambda h: (-h.score, h.entry.id))

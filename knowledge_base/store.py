@@ -1,4 +1,5 @@
-"""SQLite, the source of truth of the knowledge base: entries, the embedding cache, a revision.
+"""SQLite, the source of truth of the knowledge base: entries, labelled examples, the embedding
+cache, a revision.
 
 The FAISS and BM25 indexes are derived from this database. Every write bumps ``revision`` inside
 the same transaction, and each index on disk records the revision it was built from, so a crash
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from knowledge_base.entry import FAQEntry
-from knowledge_base.errors import NotFoundError
+from knowledge_base.errors import NotFoundError, SupportBotError
+from knowledge_base.examples import LabelledExample
+from knowledge_base.private import private_file
 
 __all__ = ["EntryStore", "UpsertReport"]
 
@@ -48,8 +51,22 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', '0');
+CREATE TABLE IF NOT EXISTS examples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    query TEXT NOT NULL,
+    entry_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    positive INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    conversation_id TEXT,
+    message_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS examples_entry ON examples(entry_id);
+CREATE INDEX IF NOT EXISTS examples_message ON examples(message_id);
 """
-SCHEMA_VERSION = 1
+# Version 2 added the examples table. Every statement above is IF NOT EXISTS, so opening a version-1
+# data folder migrates it in place (the new table starts empty; nothing else changes).
+SCHEMA_VERSION = 2
 
 
 def _now() -> str:
@@ -70,15 +87,21 @@ class EntryStore:
     """Entries and cached vectors in one SQLite file (WAL; safe to use from many threads)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600 before SQLite opens it: its -wal and -shm files copy the mode
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.RLock()
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:  # refused, not damaged
+                self._conn.close()
+                raise SupportBotError(
+                    f"{path} was written by a newer SupportBot (schema {version}, this one knows {SCHEMA_VERSION})",
+                    fix="upgrade SupportBot, or point data_dir at another folder",
+                )
+            self._conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         with self._lock:
@@ -213,6 +236,9 @@ class EntryStore:
         if existing:
             with self.transaction() as conn:
                 conn.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in existing])
+                # An entry's labelled examples go with it: they would teach the retriever an answer
+                # that no longer exists (and a later entry with the same id may mean something else).
+                conn.executemany("DELETE FROM examples WHERE entry_id = ?", [(i,) for i in existing])
                 self._bump(conn)
         return existing
 
@@ -255,3 +281,120 @@ class EntryStore:
                     "DELETE FROM embedding_cache WHERE model=? AND text_hash=?", [(model, h) for h in stale]
                 )
         return len(stale)
+
+    # -- labelled examples ----------------------------------------------------------------------
+    _EXAMPLE_COLUMNS = "id, query, entry_id, source, positive, created_at, conversation_id, message_id"
+
+    @staticmethod
+    def _row_to_example(row: tuple) -> LabelledExample:
+        id_, query, entry_id, source, positive, created, conversation_id, message_id = row
+        return LabelledExample(
+            id=id_,
+            query=query,
+            entry_id=entry_id,
+            source=source,
+            positive=bool(positive),
+            created_at=created,
+            conversation_id=conversation_id,
+            message_id=message_id,
+        )
+
+    def add_examples(
+        self, rows: Sequence[tuple[str, str, str, bool, float, str | None, int | None]]
+    ) -> list[LabelledExample]:
+        """Store ``(query, entry_id, source, positive, created_at, conversation_id, message_id)``
+        rows in one transaction (the revision moves: learned phrasings are part of the index)."""
+        out = []
+        with self.transaction() as conn:
+            for row in rows:
+                cur = conn.execute(
+                    "INSERT INTO examples (query, entry_id, source, positive, created_at, conversation_id, "
+                    "message_id) VALUES (?,?,?,?,?,?,?)",
+                    (row[0], row[1], row[2], int(row[3]), row[4], row[5], row[6]),
+                )
+                out.append(LabelledExample(int(cur.lastrowid or 0), *row))
+            if out:
+                self._bump(conn)
+        return out
+
+    def examples(
+        self,
+        *,
+        entry_id: str | None = None,
+        source: str | None = None,
+        text: str | None = None,
+        positive: bool | None = None,
+        conversation_id: str | None = None,
+        message_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[LabelledExample]:
+        """Examples matching every filter given (``text``: a substring of the query, any case),
+        newest first."""
+        where, params = [], []
+        for column, value in (
+            ("entry_id", entry_id),
+            ("source", source),
+            ("conversation_id", conversation_id),
+            ("message_id", message_id),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if positive is not None:
+            where.append("positive = ?")
+            params.append(int(positive))
+        if text:
+            where.append("instr(lower(query), lower(?)) > 0")
+            params.append(text)
+        sql = f"SELECT {self._EXAMPLE_COLUMNS} FROM examples"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with self._lock:
+            return [self._row_to_example(r) for r in self._conn.execute(sql, params).fetchall()]
+
+    def positive_queries(self, entry_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Per entry, the queries of its positive examples, newest first (all entries without ids)."""
+        sql = "SELECT entry_id, query FROM examples WHERE positive = 1 ORDER BY created_at DESC, id DESC"
+        with self._lock:
+            if entry_ids is not None and len(entry_ids) <= 500:
+                marks = ",".join("?" * len(entry_ids))
+                sql = sql.replace("ORDER BY", f"AND entry_id IN ({marks}) ORDER BY")
+                rows = self._conn.execute(sql, list(entry_ids)).fetchall() if entry_ids else []
+            else:  # a re-index of many entries: one pass over the table (examples are far fewer than entries)
+                rows = self._conn.execute(sql).fetchall()
+        wanted = None if entry_ids is None else set(entry_ids)
+        out: dict[str, list[str]] = {}
+        for entry_id, query in rows:
+            if wanted is None or entry_id in wanted:
+                out.setdefault(entry_id, []).append(query)
+        return out
+
+    def delete_examples(self, example_ids: Sequence[int]) -> list[LabelledExample]:
+        """Delete examples by id (one transaction); returns those that existed."""
+        if not example_ids:
+            return []
+        found = []
+        with self.transaction() as conn:
+            for start in range(0, len(example_ids), 500):
+                chunk = [int(i) for i in example_ids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT {self._EXAMPLE_COLUMNS} FROM examples WHERE id IN ({marks})", chunk)
+                found += [self._row_to_example(r) for r in rows.fetchall()]
+                conn.execute(f"DELETE FROM examples WHERE id IN ({marks})", chunk)
+            if found:
+                self._bump(conn)
+        return found
+
+    def example_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT source, positive, COUNT(*) FROM examples GROUP BY source, positive")
+            counts = {"examples": 0, "positive": 0, "negative": 0}
+            for source, positive, n in rows.fetchall():
+                counts["examples"] += n
+                counts["positive" if positive else "negative"] += n
+                counts[f"source:{source}"] = counts.get(f"source:{source}", 0) + n
+        return counts

@@ -118,15 +118,17 @@ def test_chat_returns_the_chat_json_with_ids(client: TestClient) -> None:
     response = client.post("/api/chat", json={"message": FAQ_QUESTION})
     assert response.status_code == 200
     body = response.json()
-    for key in ("answer", "mode", "sources", "scores", "latency_ms", "conversation_id", "message_id"):
+    for key in ("answer", "mode", "sources", "latency_ms", "conversation_id", "conversation_token", "message_id"):
         assert key in body
+    assert "scores" not in body and "reason" not in body  # the policy's internals stay private
     assert body["mode"] == "faq"
     assert body["sources"][0] == "orders-002"
     assert body["citations"][0]["id"] == "orders-002"
     assert "cancel" in body["answer"].lower()
     assert isinstance(body["message_id"], int)
 
-    follow = client.post("/api/chat", json={"message": "thanks", "conversation_id": body["conversation_id"]})
+    ids = {"conversation_id": body["conversation_id"], "conversation_token": body["conversation_token"]}
+    follow = client.post("/api/chat", json={"message": "thanks", **ids})
     assert follow.status_code == 200
     assert follow.json()["conversation_id"] == body["conversation_id"]
     assert follow.json()["message_id"] > body["message_id"]
@@ -202,17 +204,17 @@ def test_generated_answers_stream_and_the_final_event_is_authoritative(tmp_path:
 
 def test_feedback_up_and_down(client: TestClient, engine: ChatEngine) -> None:
     answer = client.post("/api/chat", json={"message": FAQ_QUESTION}).json()
-    up = client.post("/api/feedback", json={"message_id": answer["message_id"], "rating": "up"})
+    mine = {"message_id": answer["message_id"], "conversation_token": answer["conversation_token"]}
+    up = client.post("/api/feedback", json={**mine, "rating": "up"})
     assert up.status_code == 200 and up.json()["ok"] is True
-    down = client.post(
-        "/api/feedback", json={"message_id": answer["message_id"], "rating": "down", "comment": "too long"}
-    )
+    down = client.post("/api/feedback", json={**mine, "rating": "down", "comment": "too long"})
     assert down.status_code == 200
     queued = [q for q in engine.store.unanswered() if q.message_id == answer["message_id"]]
     assert queued and queued[0].reason == "thumbs_down"
 
-    assert client.post("/api/feedback", json={"message_id": 10**9, "rating": "up"}).status_code == 404
-    bad = client.post("/api/feedback", json={"message_id": answer["message_id"], "rating": "meh"})
+    unknown = {"message_id": 10**9, "conversation_token": answer["conversation_token"], "rating": "up"}
+    assert client.post("/api/feedback", json=unknown).status_code == 404
+    bad = client.post("/api/feedback", json={**mine, "rating": "meh"})
     assert bad.status_code == 422
 
 
@@ -244,6 +246,51 @@ def test_staff_endpoints_need_a_key_or_login(client: TestClient, method: str, pa
     assert anonymous.json()["error"] == "Unauthorized"
     wrong = client.request(method, path, json=body, headers={"Authorization": "Bearer sb-wrong"})
     assert wrong.status_code == 401
+
+
+def test_labelled_examples_are_added_listed_exported_and_removed(
+    client: TestClient, engine: ChatEngine, key_header: dict[str, str], basic_header: dict[str, str]
+) -> None:
+    # Staff only (anonymous calls: a wrong key would count towards the module's failed-login limit)
+    before = engine.kb.examples()  # the module's earlier tests rated answers
+    for method, path in (
+        ("GET", "/api/kb/examples"),
+        ("POST", "/api/kb/examples"),
+        ("DELETE", "/api/kb/examples/1"),
+        ("GET", "/api/conversations/examples.csv"),
+    ):
+        body = {"query": "q", "faq_id": "orders-002"} if method == "POST" else None
+        assert client.request(method, path, json=body).status_code == 401
+    assert engine.kb.examples() == before
+    query = "my parcel never came, mail me at jo@example.com"
+    added = client.post("/api/kb/examples", headers=key_header, json={"query": query, "faq_id": "shipping-003"})
+    assert added.status_code == 201, added.text
+    example = added.json()
+    assert example["source"] == "api" and example["positive"] is True
+    assert example["query"] == "my parcel never came, mail me at [email]"  # redacted before it is stored
+    assert example["query"] in engine.kb.learned_questions("shipping-003")  # searchable at once
+    negative = client.post(
+        "/api/kb/examples", headers=basic_header, json={"query": "refund", "faq_id": "orders-002", "positive": False}
+    ).json()
+
+    listed = client.get("/api/kb/examples?faq_id=shipping-003", headers=key_header).json()
+    assert [e["id"] for e in listed["examples"]] == [example["id"]] and listed["total"] == 1
+    assert [
+        e["id"] for e in client.get("/api/kb/examples?positive=false&source=api", headers=key_header).json()["examples"]
+    ] == [negative["id"]]
+    assert client.get("/api/kb/examples?q=PARCEL&source=api", headers=key_header).json()["total"] == 1
+    exported = client.get("/api/conversations/examples.csv", headers=key_header)
+    assert exported.status_code == 200 and "my parcel never came" in exported.text
+
+    unknown = client.post("/api/kb/examples", headers=key_header, json={"query": "x", "faq_id": "no-such-entry"})
+    assert unknown.status_code == 404 and "kb list" in unknown.json()["fix"]
+    assert client.post("/api/kb/examples", headers=key_header, json={"faq_id": "orders-002"}).status_code == 422
+
+    for e in (example, negative):
+        assert client.delete(f"/api/kb/examples/{e['id']}", headers=key_header).json() == {"removed": 1}
+    assert example["query"] not in engine.kb.learned_questions("shipping-003")
+    gone = client.delete(f"/api/kb/examples/{example['id']}", headers=key_header)
+    assert gone.status_code == 404 and gone.json()["error"] == "NotFoundError"
 
 
 def test_wrong_basic_login_is_refused(client: TestClient) -> None:

@@ -683,8 +683,11 @@ def test_a_cluster_becomes_phrasings_of_an_entry_or_is_dismissed(engine: ChatEng
     clusters = fn(page, "refresh_queue")(0.5)[0]
     assert clusters[0]["count"] == 2
     out = fn(page, "add_phrasings")(clusters[0], "shipping-003", 0.5)
-    assert "2 phrasings added" in out[0] and "2 queued questions resolved" in out[0]
-    assert "where my parcel at pls" in engine.kb.get("shipping-003").alt_questions
+    assert "2 phrasings learned" in out[0] and "2 queued questions resolved" in out[0]
+    # learned phrasings (one labelled example per queued question), not authored ones: undone in a click
+    assert "where my parcel at pls" in engine.kb.learned_questions("shipping-003")
+    assert [e.source for e in engine.kb.examples(entry_id="shipping-003")] == ["phrasing", "phrasing"]
+    assert engine.kb.search("where my parcel at pls", 1)[0].entry.id == "shipping-003"
     assert engine.store.unanswered() == []
 
     engine.store.add_unanswered(
@@ -701,19 +704,71 @@ def test_a_thumbs_down_answer_gets_corrected(engine: ChatEngine, settings: Setti
     reply = engine.answer("How do I cancel an order?")
     engine.feedback(reply.message_id, "down", "I paid with a gift card")
     low = fn(page, "refresh_queue")(0.5)[5]
-    box, message_id, detail, draft, _ = fn(page, "pick_low")(low, select(index=[0, 0]))
+    box, message_id, detail, draft, _, entries = fn(page, "pick_low")(low, select(index=[0, 0]))
     assert box["visible"] is True and message_id == reply.message_id and "gift card" in detail
-    assert draft == reply.text
+    assert draft == reply.text and entries["choices"][1][1] == reply.sources[0]  # best match first
     request = gr.Request(username="alice")
-    saved = fn(page, "save_correction")(message_id, "Cancel it in Account > Orders; gift cards are refunded.", request)
-    assert "Correction saved" in saved
+    text = "Cancel it in Account > Orders; gift cards are refunded."
+    saved = fn(page, "save_correction")(message_id, text, "", request)
+    assert "Correction saved" in saved and "learned" not in saved
     pairs = engine.store.training_pairs()
     assert pairs[0].origin == "correction" and "gift cards are refunded" in pairs[0].answer
-    assert "Pick" in fn(page, "save_correction")(None, "x", request)
+    assert "Pick" in fn(page, "save_correction")(None, "x", "", request)
+    saved = fn(page, "save_correction")(message_id, text, "orders-002", request)
+    assert "learned phrasing of `orders-002`" in saved
+    assert [e.source for e in engine.kb.examples(positive=True)] == ["correction"]
 
     exported = fn(page, "export_csv")()
-    rows = list(csv.DictReader(io.StringIO(Path(exported["value"]).read_text(encoding="utf-8"))))
+    conversations, examples = (Path(p).read_text(encoding="utf-8") for p in exported["value"])
+    rows = list(csv.DictReader(io.StringIO(conversations)))
     assert rows and rows[-1]["corrected_answer"].startswith("Cancel it")
+    labels = list(csv.DictReader(io.StringIO(examples)))
+    assert {(r["source"], r["message_id"]) for r in labels} == {
+        ("thumbs_down", str(reply.message_id)),
+        ("correction", str(reply.message_id)),
+    }
+
+
+def test_examples_are_listed_filtered_and_removed_in_the_console(engine: ChatEngine, settings: Settings) -> None:
+    page = console.build_console(engine, settings)
+    wrong = engine.kb.learn("where my parcel at", "orders-002", source="api")
+    engine.kb.learn("parcel never came", "shipping-003", source="import")
+    table, summary, *_ = fn(page, "refresh_examples")("parcel", "", "All", "All")
+    assert list(table["id"]) == [wrong.id + 1, wrong.id] and "2** shown" in summary
+    table = fn(page, "refresh_examples")("", "orders-002", "api", "Positive")[0]
+    assert list(table["id"]) == [wrong.id]
+    picked, detail, button = fn(page, "pick_example")(table, select(index=[0, 1]))
+    assert picked == wrong.id and "where my parcel at" in detail and button["interactive"] is True
+    assert "where my parcel at" in engine.kb.learned_questions("orders-002")
+    title = fn(page, "select_entry")(select(row_value=["orders-002"]))[1]
+    assert "Learned phrasings** (1" in title and "where my parcel at" in title  # apart from its own
+    out = fn(page, "remove_example")(picked, "", "", "All", "All")
+    assert "Removed example" in out[0] and list(out[1]["id"]) == [wrong.id + 1]
+    assert engine.kb.learned_questions("orders-002") == []  # the wrong label no longer counts
+    exported = fn(page, "export_examples")()
+    assert "parcel never came" in Path(exported["value"]).read_text(encoding="utf-8")
+
+
+def test_an_operator_labels_a_turn_of_a_transcript(engine: ChatEngine, settings: Settings) -> None:
+    page = console.build_console(engine, settings)
+    reply = engine.answer("the box never showed up")
+    found, conversations, *_ = fn(page, "show_conversations")("never showed")
+    assert len(found) == 1 and conversations.iloc[0]["first question"] == "the box never showed up"
+    messages, transcript, _ = fn(page, "open_conversation")(found, select(index=[0, 0]))
+    assert list(transcript["who"]) == ["customer", "bot"]
+    turn, box, detail, target, _ = fn(page, "pick_turn")(messages, select(index=[1, 0]))
+    assert turn == reply.message_id and box["visible"] is True and "the box never showed up" in detail
+    assert target["choices"]
+    done = fn(page, "annotate_turn")(turn, "shipping-003")
+    assert "Learned" in done
+    [example] = engine.kb.examples()
+    assert (example.source, example.query, example.entry_id) == (
+        "annotation",
+        "the box never showed up",
+        "shipping-003",
+    )
+    assert (example.conversation_id, example.message_id) == (reply.conversation_id, reply.message_id)
+    assert "Pick" in fn(page, "annotate_turn")(None, "shipping-003")
 
 
 # -- the console: fine-tune ------------------------------------------------------------------------

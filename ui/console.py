@@ -1,6 +1,6 @@
 """The support team's console: knowledge base, insights and fine-tuning, as one Gradio Blocks.
 
-``ui.server`` mounts it at ``/admin`` behind the login. Three tabs:
+``ui.server`` mounts it at ``/admin`` behind the login. Four tabs:
 
 * **Knowledge base**: upload FAQ files (validated as a whole, with a row-level problem table;
   nothing is stored on error unless "skip bad rows" is ticked), browse, search and filter the
@@ -12,6 +12,9 @@
   operator to edit) or into phrasings of an existing entry in one click, which resolves its queue
   items; thumbs-down answers with comments and a "correct this answer" action; activity plots and
   the most-hit entries; the conversation log as CSV.
+* **Resolved questions** (:mod:`ui.console_learning`): the labelled examples every resolution
+  recorded, filterable and removable, and the conversation transcripts, whose turns an operator
+  labels with the entry that should have answered them.
 * **Fine-tune**: the dataset a run would use (counts), one background run at a time
   (:mod:`ui.jobs`) with live progress and loss curve, the before/after evaluation, and the adapters
   with activate / roll back (the chat engine picks the change up at its next answer).
@@ -34,6 +37,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from chatbot import learning
 from chatbot.insights import DEFAULT_THRESHOLD, Cluster, cluster_unanswered
 from chatbot.settings import Settings
 from knowledge_base.entry import content_id
@@ -41,6 +45,7 @@ from knowledge_base.errors import IngestError, Problem, SupportBotError
 from knowledge_base.export import EXPORT_FORMATS, render_entries
 from ui.chat_page import CSS as CHAT_CSS
 from ui.chat_page import HEAD, theme
+from ui.console_learning import build_learning_tab
 from ui.jobs import JobRunner
 
 __all__ = [
@@ -360,9 +365,11 @@ def build_console(
                 kb_parts = _kb_tab(engine, kb)
             with gr.Tab("Insights", id="insights"):
                 insight_parts = _insights_tab(engine, kb, store)
+            with gr.Tab("Resolved questions", id="learning"):
+                learning_parts = build_learning_tab(engine)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft_parts = _finetune_tab(engine, kb, store, settings, registry, runner)
-        for load in (kb_parts, insight_parts, ft_parts):
+        for load in (kb_parts, insight_parts, learning_parts, ft_parts):
             console.load(load[0], load[1], load[2], api_visibility="private")
     return console
 
@@ -502,9 +509,17 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
                 gr.update(interactive=False),
                 gr.update(visible=False),
             )
+        learned = kb.learned_questions(entry.id)
+        learned_text = (
+            f"\n\n**Learned phrasings** ({len(learned)}, from resolved questions; remove one in *Resolved "
+            "questions*): " + " · ".join(f"“{html.escape(_short(q, 80))}”" for q in learned)
+            if learned
+            else ""
+        )
         return (
             entry.id,
-            f"**Editing `{html.escape(entry.id)}`** · {entry.hits} hits · source {html.escape(entry.source or '–')}",
+            f"**Editing `{html.escape(entry.id)}`** · {entry.hits} hits · source {html.escape(entry.source or '–')}"
+            + learned_text,
             gr.update(value=entry.id, interactive=False),
             entry.question,
             "\n".join(entry.alt_questions),
@@ -699,7 +714,13 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
         days = gr.Radio(label="Period (days)", choices=[7, 30, 90], value=30, scale=2)
         refresh_button = gr.Button("Refresh", scale=1)
         export_button = gr.Button("Export conversations (CSV)", scale=1)
-    export_file = gr.File(label="Conversations CSV", interactive=False, visible=False, height=90)
+    export_file = gr.File(
+        label="Conversations and labelled examples (CSV)",
+        file_count="multiple",
+        interactive=False,
+        visible=False,
+        height=120,
+    )
     cards = gr.HTML()
     with gr.Row():
         volume_plot = gr.BarPlot(x="date", y="questions", title="Questions per day", height=240)
@@ -761,6 +782,11 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
     with gr.Group(visible=False) as correction_box:
         low_detail = gr.Markdown()
         correction = gr.Textbox(label="Corrected answer", lines=4)
+        correction_entry = gr.Dropdown(
+            label="The entry that answers this question (optional: the bot learns the wording for it)",
+            choices=[],
+            allow_custom_value=False,
+        )
         correct_button = gr.Button("Save correction", variant="primary")
         correction_message = gr.Markdown()
 
@@ -862,7 +888,7 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
             return (f"{_error_text(exc)}: {html.escape(problems)}", *gr_skip(8))
         # An identical entry already there (unchanged) has the id derived from the question.
         ids = report.added_ids or report.updated_ids or [content_id(question)]
-        resolved = store.resolve_unanswered(cluster["ids"], ids[0])
+        resolved, _ = learning.resolve_queue(kb, store, cluster["ids"], ids[0], source="assign")
         message = f"✅ Added entry `{html.escape(ids[0])}` and resolved {resolved} queued questions."
         return (message, *refresh_queue(strictness))
 
@@ -870,14 +896,13 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
         if not cluster or not entry_id:
             return ("Pick a group and an entry first.", *gr_skip(8))
         try:
-            for question in cluster["questions"]:
-                kb.add_phrasing(entry_id, question)
+            resolved, examples = learning.resolve_queue(kb, store, cluster["ids"], entry_id, source="phrasing")
         except SupportBotError as exc:
             return (_error_text(exc), *gr_skip(8))
-        resolved = store.resolve_unanswered(cluster["ids"], entry_id)
+        # Learned phrasings, not authored ones: searchable at once, and a wrong one is undone by
+        # removing its example (Resolved questions tab).
         message = (
-            f"✅ {len(cluster['questions'])} phrasings added to `{html.escape(entry_id)}`; "
-            f"{resolved} queued questions resolved."
+            f"✅ {len(examples)} phrasings learned for `{html.escape(entry_id)}`; {resolved} queued questions resolved."
         )
         return (message, *refresh_queue(strictness))
 
@@ -890,29 +915,43 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
     def pick_low(rows: list[dict[str, Any]], data: gr.SelectData) -> tuple[Any, ...]:
         row = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
         if not rows or row is None or row >= len(rows):
-            return gr.update(visible=False), None, "", "", ""
+            return gr.update(visible=False), None, "", "", "", gr.update()
         r = rows[row]
         detail = (
             f"**Question:** {html.escape(r['question'])}\n\n**Bot ({r['mode']}):** {html.escape(r['answer'])}\n\n"
             f"**Comment:** {html.escape(r['comment'] or '–')}"
         )
-        return gr.update(visible=True), r["message_id"], detail, r["correction"] or r["answer"], ""
+        hits = kb.search(r["question"], 5) if (r["question"] or "").strip() else []
+        choices = [("(none)", "")] + [_entry_choice(h.entry) for h in hits]
+        seen = {c[1] for c in choices}
+        choices += [_entry_choice(e) for e in kb.entries(enabled_only=False) if e.id not in seen]
+        entries = gr.update(choices=choices, value="")
+        return gr.update(visible=True), r["message_id"], detail, r["correction"] or r["answer"], "", entries
 
-    def save_correction(message_id: int | None, text: str, request: gr.Request) -> str:
+    def save_correction(message_id: int | None, text: str, entry_id: str | None, request: gr.Request) -> str:
         if message_id is None:
             return "Pick an answer first."
         try:
-            store.add_correction(int(message_id), text, editor=getattr(request, "username", None) or "")
+            example = learning.correct_answer(
+                kb,
+                store,
+                int(message_id),
+                text,
+                entry_id=entry_id or None,
+                editor=getattr(request, "username", None) or "",
+            )
         except SupportBotError as exc:
             return _error_text(exc)
-        return "✅ Correction saved: it is used as training data for the next fine-tune."
+        learned = f" The question is now a learned phrasing of `{html.escape(example.entry_id)}`." if example else ""
+        return "✅ Correction saved: it is used as training data for the next fine-tune." + learned
 
     def export_csv() -> Any:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
         folder = Path(tempfile.mkdtemp(prefix="supportbot-export-"))
-        path = folder / f"conversations-{stamp}.csv"
+        path, examples = folder / f"conversations-{stamp}.csv", folder / f"examples-{stamp}.csv"
         store.export_csv(path)
-        return gr.update(value=str(path), visible=True)
+        learning.export_examples_csv(kb, examples)  # the labelled examples, joined by message_id
+        return gr.update(value=[str(path), str(examples)], visible=True)
 
     stats_outputs = [cards, volume_plot, modes_plot, handoff_plot, latency_plot, most_hit]
     queue_outputs = [
@@ -958,10 +997,12 @@ def _insights_tab(engine: Any, kb: Any, store: Any) -> LoadSpec:
     low_view.select(
         pick_low,
         [low_state],
-        [correction_box, low_selected, low_detail, correction, correction_message],
+        [correction_box, low_selected, low_detail, correction, correction_message, correction_entry],
         api_visibility="private",
     )
-    correct_button.click(save_correction, [low_selected, correction], [correction_message], api_visibility="private")
+    correct_button.click(
+        save_correction, [low_selected, correction, correction_entry], [correction_message], api_visibility="private"
+    )
     return refresh_all, [days, threshold], [*stats_outputs, *queue_outputs]
 
 
@@ -1230,7 +1271,9 @@ def _retriever_section(engine: Any, settings: Settings, runner: JobRunner) -> tu
         names = [v.name for v in versions]
         return retrievers_table(versions), gr.update(choices=names, value=active or (names[-1] if names else None))
 
-    def start_retriever(text: str, n_epochs: float, mode: str, do_activate: bool, do_resume: bool, do_overwrite: bool) -> str:
+    def start_retriever(
+        text: str, n_epochs: float, mode: str, do_activate: bool, do_resume: bool, do_overwrite: bool
+    ) -> str:
         output = (text or "").strip()
         try:
             argv = retriever_command(
@@ -1277,7 +1320,10 @@ def _retriever_section(engine: Any, settings: Settings, runner: JobRunner) -> tu
         return (f"🗑️ Deleted `{html.escape(selected)}`.", *retriever_values())
 
     start_button.click(
-        start_retriever, [name, epochs, reranker, activate, resume, overwrite], [start_message], api_visibility="private"
+        start_retriever,
+        [name, epochs, reranker, activate, resume, overwrite],
+        [start_message],
+        api_visibility="private",
     )
     outputs = [message, view, choice]
     activate_button.click(activate_retriever, [choice], outputs, api_visibility="private")
