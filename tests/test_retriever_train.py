@@ -518,3 +518,19 @@ def test_console_job_uses_the_cli_validation() -> None:
         retriever_command("bad name!", epochs=-1)
     assert "--output" in str(info.value) and "--epochs" in str(info.value)
     assert main(["finetune-retriever", "--output", "x", "--examples", "/no/such/file.jsonl"]) == 2
+
+
+def test_learned_phrasings_travel_with_the_swap(settings: Settings) -> None:
+    old, new = _Tagged(1.0, "old"), _Tagged(-1.0, "new")
+    kb = KnowledgeBase(settings.data_dir / "kb", settings.kb, old, background=False)
+    kb.upsert(ENTRIES)
+    kb.learn("my kettle money please", "refund", source="api")
+    ready = threading.Event()
+    kb.use_retriever(new, version="v-new", ready=ready)
+    kb.learn("need my cash for the kettle", "refund", source="api")  # learned while the new index is built
+    ready.set()
+    kb.wait_for_swap()
+    for query in ("my kettle money please", "need my cash for the kettle"):
+        hit = kb.search(query, 1, mode="dense")[0]
+        assert hit.entry.id == "refund" and hit.dense > 0.9  # its own vector, embedded by the new model
+    kb.close()
