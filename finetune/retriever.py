@@ -100,8 +100,10 @@ class RetrieverTrainConfig:
     """Pairs per step; the other pairs of a batch are each anchor's in-batch negatives."""
     hard_negatives: int = 1
     """Mined wrong entries per anchor (0: in-batch negatives only)."""
-    max_length: int = 128
-    """Tokens per text while training (entries are cut; MiniLM was trained at 128)."""
+    max_length: int = 64
+    """Tokens per text while training: the whole-entry vectors the index serves are cut at
+    ``kb.answer_tokens`` (64) tokens, so longer training text costs time (attention and the
+    feed-forward grow with it) for words the served vectors never see."""
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     scale: float = 20.0
