@@ -13,6 +13,7 @@ of ``server.generation_concurrency`` slots and queue for the rest (a batching ge
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -24,9 +25,9 @@ from chatbot import learning
 from chatbot.followup import resolve_followup
 from chatbot.generation import Generator
 from chatbot.grounding import grounding_score, is_refusal, leaks
-from chatbot.policy import Decision, decide
+from chatbot.policy import THRESHOLD_FIELDS, Decision, decide
 from chatbot.prompts import build_messages, load_prompt
-from chatbot.settings import SECRET_FIELDS, Settings
+from chatbot.settings import SECRET_FIELDS, PolicySettings, Settings
 from chatbot.store import ConversationStore
 from knowledge_base.entry import normalize_text
 from knowledge_base.errors import NotFoundError, SupportBotError
@@ -34,6 +35,8 @@ from knowledge_base.kb import KnowledgeBase
 from knowledge_base.retriever import SearchHit
 
 __all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
+
+_NOT_FAILED = object()
 
 MAX_MESSAGE_CHARS = 4000
 #: Fields of an answer kept from public clients (see :meth:`Answer.public_dict`).
@@ -113,6 +116,9 @@ class ChatEngine:
         self._generator_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.server.generation_concurrency)
         self._adapter_version: str | None = None
+        # What a rollback to "no retriever version" serves: the embedder the engine was given.
+        self._base_embedder = kb.embedder if kb.retriever_version is None else None
+        self._retriever_failed: object = _NOT_FAILED  # a version that failed to load is not retried per question
         self._system_prompt = load_prompt("system")
         self._secrets = [
             str(getattr(getattr(settings, section), name))
@@ -155,16 +161,46 @@ class ChatEngine:
         assert final is not None
         return final
 
+    # -- the retriever version and the thresholds that go with it ---------------------------------
+    def sync_retriever(self) -> None:
+        """Pick up a retriever version activated or rolled back in the console or CLI, without a
+        restart: the knowledge base re-embeds in the background and swaps when ready (searches are
+        served by the old version meanwhile). Costs one small JSON read per question."""
+        from knowledge_base.retrievers import RetrieverRegistry, serve_version
+
+        if self.kb.swapping:
+            return
+        active = RetrieverRegistry(self.settings.data_dir).active()
+        wanted = active.version if active else None
+        if wanted != self.kb.retriever_version and wanted != self._retriever_failed:
+            try:
+                serve_version(self.kb, active, self.settings.kb, base=self._base_embedder)
+            except SupportBotError:
+                self._retriever_failed = wanted
+                raise
+
+    @property
+    def policy(self) -> PolicySettings:
+        """The policy settings with the thresholds calibrated for the active retriever version,
+        unless ``policy.pin_thresholds`` keeps the configured ones."""
+        configured = self.settings.policy
+        thresholds = self.kb.retriever_thresholds
+        if configured.pin_thresholds or not thresholds:
+            return configured
+        changes = {k: float(thresholds[k]) for k in THRESHOLD_FIELDS if k in thresholds}
+        return dataclasses.replace(configured, **changes)  # type: ignore[arg-type]
+
     @property
     def _retrieval_k(self) -> int:
         return max(self.settings.kb.top_k, self.settings.policy.max_clarify_options)
 
     def retrieve(self, question: str) -> list[SearchHit]:
+        self.sync_retriever()
         return self.kb.search(question, self._retrieval_k)
 
     def decide(self, question: str) -> tuple[list[SearchHit], Decision]:
         hits = self.retrieve(question)
-        return hits, decide(question, hits, self.settings.policy)
+        return hits, decide(question, hits, self.policy)
 
     def _previous_questions(self, conversation_id: str) -> list[str]:
         history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns)
@@ -198,8 +234,10 @@ class ChatEngine:
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
+        self.sync_retriever()
+        policy = self.policy  # one version's thresholds for the whole answer
         question, hits = resolve_followup(message, previous, self.kb.search, self._retrieval_k)
-        decision = decide(question, hits, self.settings.policy)
+        decision = decide(question, hits, policy)
         if not len(self.kb):
             decision = Decision("handoff", [], "the knowledge base is empty")
 
@@ -216,7 +254,7 @@ class ChatEngine:
                 chunks = []
             text = "".join(chunks).strip()
             model, adapter = self._generator.name if self._generator else None, self._adapter_version
-            text, mode, used, reason = self._check_generated(text, question, used, hits, decision)
+            text, mode, used, reason = self._check_generated(text, question, used, hits, decision, policy)
             decision = Decision(mode, used, reason)
         if mode == "faq":
             text = used[0].entry.answer
@@ -282,10 +320,15 @@ class ChatEngine:
             yield from generator.stream(messages)
 
     def _check_generated(
-        self, text: str, question: str, used: list[SearchHit], hits: list[SearchHit], decision: Decision
+        self,
+        text: str,
+        question: str,
+        used: list[SearchHit],
+        hits: list[SearchHit],
+        decision: Decision,
+        policy: PolicySettings,
     ) -> tuple[str, str, list[SearchHit], str]:
         """Keep a generated answer only if it is grounded and leaks nothing; else fall back."""
-        policy = self.settings.policy
         leaked = leaks(text, system_prompt=self._system_prompt, secrets=self._secrets)
         grounded = grounding_score(text, [f"{h.entry.question} {h.entry.answer}" for h in used], question)
         if text and not leaked and not is_refusal(text) and grounded >= policy.grounding_threshold:
@@ -332,7 +375,7 @@ class ChatEngine:
 
     def draft_answer(self, question: str) -> str:
         """An answer for a new entry, drafted from related entries for an operator to edit."""
-        hits = [h for h in self.retrieve(question) if h.score >= self.settings.policy.relevance_threshold]
+        hits = [h for h in self.retrieve(question) if h.score >= self.policy.relevance_threshold]
         if not hits:
             return ""
         try:

@@ -135,6 +135,9 @@ class PolicySettings:
         "(Mon-Fri 8am-8pm ET, Sat 9am-5pm ET)."
     )
     redact_pii: bool = True
+    pin_thresholds: bool = False
+    """Keep these thresholds even when the active retriever version (``supportbot retrievers``)
+    carries thresholds calibrated for it; by default the version's own apply while it serves."""
     """Mask e-mail addresses, phone and card numbers before anything is stored."""
 
     def problems(self) -> list[Problem]:

@@ -832,9 +832,52 @@ def test_the_progress_view_follows_a_job(engine: ChatEngine, settings: Settings,
     page = console.build_console(engine, settings, runner=runner)
     runner.start("a1", [*fake_job, "ok"])
     runner.wait(60)
-    body, losses, log, evaluation, adapters, key = fn(page, "poll")("")
+    body, losses, log, evaluation, adapters, retrievers, key = fn(page, "poll")("")
     assert "a1: finished" in body and "width:100.0%" in body
     assert list(losses["split"]) == ["train", "train", "train", "eval"]
     assert "plain log line" in log and list(evaluation["metric"])  # before/after rows
-    assert isinstance(adapters, pd.DataFrame) and key.startswith("a1|succeeded")
+    assert isinstance(adapters, pd.DataFrame) and isinstance(retrievers, pd.DataFrame)
+    assert key.startswith("a1|succeeded")
     assert fn(page, "poll")(key)[0] == gr.skip()  # unchanged: nothing is sent
+
+
+def fake_retriever(settings: Settings, name: str, thresholds: dict[str, float]) -> None:
+    """A retriever version folder as `finetune.retriever` writes it (its model: the test embedder's
+    stand-in, never loaded here because the console's swap uses the engine's embedder registry)."""
+    folder = Path(settings.data_dir) / "retrievers" / name
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "modules.json").write_text("[]")
+    (folder / "retriever.json").write_text(json.dumps({"version_id": "abc", "created_at": "2026-01-01T00:00:00"}))
+    (folder / "thresholds.json").write_text(json.dumps(thresholds))
+    report = {
+        "before": {"by_example": {"p@1": 0.5, "queries": 4}, "by_entry": {"p@1": 0.25, "queries": 4}},
+        "after": {"by_example": {"p@1": 0.75, "queries": 4}, "by_entry": {"p@1": 0.25, "queries": 4}},
+        "reranker": {"enabled": False, "reason": "not trained: too slow"},
+        "calibration": {"suggested": {"right": 0.7, "wrong": 0.05, "handoff": 0.25, "negatives_handed_off": 0.96}},
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def test_the_fine_tune_tab_manages_retriever_versions(
+    engine: ChatEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knowledge_base import retrievers
+
+    served: list[object] = []
+    monkeypatch.setattr(
+        retrievers, "serve_version", lambda kb, version, s, base=None, wait=False: served.append(version)
+    )
+    page = console.build_console(engine, settings)
+    assert "not a valid retriever name" in fn(page, "start_retriever")("bad name!", 1, "auto", False, False, False)
+    fake_retriever(settings, "r1", {"relevance_threshold": 0.5, "faq_threshold": 0.6, "clarify_margin": 0.02})
+    message, table, choice = fn(page, "activate_retriever")("r1")
+    assert "`r1` activated" in message and "background" in message and choice["value"] == "r1"
+    row = table.iloc[0]
+    assert row["active"].endswith("serving") and row["P@1 before → after (held-out questions)"] == "0.500 → 0.750"
+    assert row["thresholds (relevance / faq / margin)"] == "0.50 / 0.60 / 0.02"
+    assert row["right / wrong / handed off"] == "0.70 / 0.05 / 0.25" and row["out-of-scope handed off"] == "0.96"
+    assert served and served[-1].name == "r1"  # type: ignore[attr-defined]
+    assert "active" in fn(page, "remove_retriever")("r1")[0]
+    message, table, _ = fn(page, "rollback_retriever")()
+    assert "configured embedding model" in message and table.iloc[0]["active"] == ""
+    assert "Deleted" in fn(page, "remove_retriever")("r1")[0]

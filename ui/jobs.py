@@ -48,6 +48,7 @@ __all__ = [
     "dataset_preview",
     "finetune_command",
     "main",
+    "retriever_command",
     "settings_env",
 ]
 
@@ -370,6 +371,85 @@ def finetune_command(
     return argv
 
 
+def retriever_command(
+    output: str,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    learning_rate: float | None = None,
+    reranker: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    activate: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """The command line of a retriever fine-tune job. The flags are checked here by the same
+    builder the CLI uses (`finetune.retriever.RetrieverRequest.from_args`), so a bad value is
+    refused before a process starts, with the CLI's message."""
+    from finetune.retriever import RetrieverRequest
+
+    values: dict[str, Any] = {
+        "--epochs": epochs,
+        "--max-steps": max_steps,
+        "--lr": learning_rate,
+        "--reranker": reranker,
+    }
+    flags = {"--resume": resume, "--overwrite": overwrite, "--activate": activate}
+    argv = ["--output", output]
+    argv += [flag for flag, on in flags.items() if on]
+    argv += [item for flag, value in values.items() if value is not None for item in (flag, str(value))]
+    try:
+        args = _retriever_parser().parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise SupportBotError(str(exc), fix="check the retriever fine-tune fields") from exc
+    RetrieverRequest.from_args(args)
+    return [python or sys.executable, "-m", "ui.jobs", "finetune-retriever", *argv]
+
+
+def _retriever_parser() -> argparse.ArgumentParser:
+    from finetune.retriever import add_retriever_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m ui.jobs finetune-retriever", exit_on_error=False)
+    parser.add_argument("--output", required=True)
+    for flag in ("--resume", "--overwrite", "--activate"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    add_retriever_arguments(parser)
+    return parser
+
+
+def _finetune_retriever(argv: Sequence[str]) -> int:
+    from chatbot.settings import load_settings
+    from finetune.retriever import RetrieverRequest
+    from finetune.train import TrainingInterrupted
+
+    try:
+        settings = load_settings()
+        request = RetrieverRequest.from_args(_retriever_parser().parse_args(list(argv)))
+    except SupportBotError as exc:
+        _emit({"event": "error", **exc.to_dict()})
+        return 2
+    _emit({"event": "phase", "phase": "starting", "pid": os.getpid()})
+    try:
+        result = request.run(settings, on_progress=_emit)
+    except TrainingInterrupted as exc:
+        _emit({"event": "interrupted", "step": exc.step, "total_steps": exc.total_steps, "checkpoint": exc.checkpoint})
+        return 130
+    except KeyboardInterrupt:
+        _emit({"event": "interrupted", "step": 0, "total_steps": 0, "checkpoint": None})
+        return 130
+    except SupportBotError as exc:
+        _emit({"event": "error", **exc.to_dict()})
+        return 2
+    except Exception as exc:  # the traceback goes to the log; the console shows the message
+        _emit({"event": "error", "error": type(exc).__name__, "message": str(exc), "fix": "see the log"})
+        raise
+    _emit({"event": "result", **result.to_dict()})
+    return 0
+
+
 def dataset_preview(
     entries: Sequence[Any],
     conversation_pairs: Sequence[Any],
@@ -467,7 +547,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ui.jobs finetune ...``: the child process of a console fine-tune."""
+    """``python -m ui.jobs finetune ...``: the child process of a console fine-tune
+    (``finetune-retriever ...``: of a retriever fine-tune)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune-retriever"]:
+        started = time.perf_counter()
+        code = _finetune_retriever(argv[1:])
+        print(f"job finished in {time.perf_counter() - started:.0f} s with status {code}", file=sys.stderr)
+        return code
     parser = argparse.ArgumentParser(prog="python -m ui.jobs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="job", required=True)
     ft = sub.add_parser("finetune", help="run finetune.train.run_finetune, printing JSON progress lines")
