@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from chatbot.settings import Settings
 from ui.api import add_api
@@ -36,7 +36,7 @@ from ui.auth import Auth
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
 
-__all__ = ["create_app", "serve", "warm_up"]
+__all__ = ["banner_lines", "create_app", "serve", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def create_app(
             allow_credentials=False,
         )
     add_api(app, settings, engine, auth)
+
+    @app.get("/admin", include_in_schema=False)
+    async def admin_redirect() -> RedirectResponse:
+        # Gradio's mount answers only below "/admin/"; the banner and README print "/admin".
+        return RedirectResponse("/admin/", status_code=307)
 
     import_gradio = chat_ui is not False or console_ui is not False
     chat_options: dict[str, Any] | None = None
@@ -232,7 +237,8 @@ def serve(
         )
         detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
         say(f"SupportBot is ready ({total}; {detail})")
-        say(f"  chat {url}/   console {url}/admin   API {url}/docs   (Ctrl-C stops it)")
+        for line in banner_lines(url):
+            say(line)
 
     # X-Forwarded-For is never trusted by uvicorn itself: `ui.api.client_address` decides (trusted_proxies).
     config = uvicorn.Config(
@@ -252,6 +258,11 @@ def serve(
     finally:
         engine.store.close()
         engine.kb.close()
+
+
+def banner_lines(url: str) -> list[str]:
+    """The addresses printed once the port listens (tests/test_urls.py requests every one)."""
+    return [f"  chat {url}/   console {url}/admin   API {url}/docs   (Ctrl-C stops it)"]
 
 
 def _process_age() -> float | None:
