@@ -189,6 +189,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "policy.faq_threshold": "0.66",
             "policy.relevance_threshold": "0.60",
             "policy.clarify_margin": "0.02",
+            "policy.generation": "on",
         },
     )
     seed_history(data / "conversations.sqlite3", datetime.now(timezone.utc))

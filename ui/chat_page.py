@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 #: Shown in place of an answer when the engine fails unexpectedly.
 ERROR_TEXT = "Sorry, something went wrong on our side. Please try again in a moment."
 HANDOFF_BADGE = "Passed to our support team"
+#: The bubble while an answer is on its way (and while a generated draft is still being checked).
+TYPING = "…"
+FEEDBACK = ("Like", "Dislike")
 MAX_SOURCE_CHARS = 600
 
 CSS = """
@@ -148,6 +151,16 @@ def answer_message(answer: Any, *, handoff_contact: str = "") -> dict[str, Any]:
     return message
 
 
+def in_progress(history: list[dict[str, Any]]) -> Any:
+    """The chat while an answer is being written: no thumbs on any message."""
+    return gr.update(value=[*history], feedback_options=[])
+
+
+def finished(history: list[dict[str, Any]]) -> Any:
+    """The chat with its final answer: thumbs back on."""
+    return gr.update(value=[*history], feedback_options=list(FEEDBACK))
+
+
 def _examples(questions: list[str]) -> list[ExampleMessage]:
     return [{"text": q, "display_text": q} for q in questions]
 
@@ -182,15 +195,17 @@ def build_chat_page(
         if not message:
             yield "", history, session, *_hidden_feedback()
             return
-        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
-        yield "", [*history], session, *_hidden_feedback()
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": TYPING}]
+        # No thumbs while an answer is being written: a rating belongs to a final answer.
+        yield "", in_progress(history), session, *_hidden_feedback()
         streamed = ""
         try:
             for event in engine.answer_stream(message, session.get("conversation_id"), client="web"):
                 if event.kind == "delta" and event.text:
+                    # Only guard-checked text arrives here (chatbot.guarded_stream).
                     streamed += event.text
                     history[-1] = {"role": "assistant", "content": streamed + " ▍"}
-                    yield gr.skip(), [*history], session, gr.skip(), gr.skip()
+                    yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
                 elif event.kind == "done" and event.answer is not None:
                     answer = event.answer
                     history[-1] = answer_message(answer, handoff_contact=contact)
@@ -199,14 +214,14 @@ def build_chat_page(
                         "conversation_id": answer.conversation_id,
                         "message_ids": {**session.get("message_ids", {}), str(len(history) - 1): answer.message_id},
                     }
-                    yield gr.skip(), history, session, gr.skip(), gr.skip()
+                    yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
         except SupportBotError as exc:
             history[-1] = {"role": "assistant", "content": html.escape(exc.message)}
-            yield gr.skip(), history, session, gr.skip(), gr.skip()
+            yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
         except Exception:
             log.exception("chat answer failed")
             history[-1] = {"role": "assistant", "content": ERROR_TEXT}
-            yield gr.skip(), history, session, gr.skip(), gr.skip()
+            yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
 
     def rate(session: dict[str, Any], data: gr.LikeData) -> tuple[Any, ...]:
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
@@ -252,7 +267,7 @@ def build_chat_page(
             scale=1,
             layout="bubble",
             buttons=["copy"],
-            feedback_options=("Like", "Dislike"),
+            feedback_options=FEEDBACK,
             placeholder=f"### 👋 Hi there!\n{intro}",
             examples=_examples(suggested()),
             autoscroll=True,
