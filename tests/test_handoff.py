@@ -246,3 +246,78 @@ def test_the_worker_delivers_in_the_background(settings: Settings, embedder, rec
         assert Receiver.received
     finally:
         Receiver.failures = 1
+
+
+# -- the chat page ----------------------------------------------------------------------------------
+
+
+def page_fn(page: Any, name: str) -> Any:
+    return next(f.fn for f in page.fns.values() if f.api_name == name)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_chat_page_asks_for_a_contact_and_shows_the_teams_reply(settings: Settings, embedder) -> None:
+    from ui import chat_page
+
+    engine, _ = engine_for(settings, embedder)
+    page = chat_page.build_chat_page(engine)
+    *_, last = page_fn(page, "chat")(OUT_OF_SCOPE, [], chat_page.new_session())
+    history, session = last[1]["value"], last[2]
+    box, timer = page_fn(page, "after_answer")(session)
+    assert box["visible"] is True and timer.active is True
+
+    session, _, error = page_fn(page, "send_contact")("nope", session)
+    assert "neither an e-mail" in error
+    session, box, error = page_fn(page, "send_contact")("jane@example.com", session)
+    assert box["visible"] is False and error == "" and session["contact_given"]
+    assert engine.handoff.queue()[0].contact == "jane@example.com"
+    assert page_fn(page, "after_answer")(session)[0]["visible"] is False  # asked once
+
+    poll = page_fn(page, "poll_replies")
+    nothing = ({"__type__": "update"}, {"__type__": "update"})  # gr.skip(): no change to the page
+    assert poll(history, session) == nothing
+    engine.handoff.reply(session["ticket_id"], "We don't ship to Mars yet, sorry!", operator="admin")
+    shown, session = poll(history, session)
+    assert "Support team" in shown[-1]["content"] and "ship to Mars" in shown[-1]["content"]
+    assert poll(shown, session) == nothing  # shown once
+
+
+def test_no_contact_field_or_polling_without_a_handoff(settings: Settings, embedder) -> None:
+    from ui import chat_page
+
+    engine, _ = engine_for(settings, embedder)
+    page = chat_page.build_chat_page(engine)
+    box, timer = page_fn(page, "after_answer")(chat_page.new_session())
+    assert box["visible"] is False and timer.active is False
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_console_queue_opens_a_ticket_replies_and_closes_it(settings: Settings, embedder) -> None:
+    import gradio as gr
+
+    from ui import console
+
+    engine, _ = engine_for(settings, embedder)
+    answer = engine.answer(OUT_OF_SCOPE)
+    engine.handoff.add_contact(answer.conversation_id, "jane@example.com")
+    page = console.build_console(engine, engine.settings)
+    frame, counts = page_fn(page, "refresh_tickets")("Open")
+    assert list(frame["ticket"]) == [answer.ticket_id] and "jane@example.com" in list(frame["contact"])
+    assert "**1** open" in counts
+
+    select = gr.SelectData(None, {"index": [0, 0], "value": answer.ticket_id, "selected": True})
+    ticket_id, shown, box, _ = page_fn(page, "pick_ticket")(frame, select)
+    assert ticket_id == answer.ticket_id and box["visible"] is True
+    assert "weather on Mars" in shown and "jane@example.com" in shown
+
+    class Login:
+        username = "lead"
+
+    out = page_fn(page, "reply_ticket")(ticket_id, "We don't ship to Mars.", "Open", Login())
+    assert "Reply sent" in out[-1] and "operator lead" in out[2]
+    assert engine.handoff.replies(answer.conversation_id)[0].operator == "lead"
+    assert engine.handoff.tickets.get(ticket_id).status == "answered"
+    out = page_fn(page, "close_ticket")(ticket_id, "", "All", Login())
+    assert engine.handoff.tickets.get(ticket_id).status == "closed" and "closed" in out[-1]
+    refused = page_fn(page, "reply_ticket")(ticket_id, "again", "All", Login())
+    assert "closed" in refused[-1]

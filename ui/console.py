@@ -45,6 +45,7 @@ from knowledge_base.errors import IngestError, Problem, SupportBotError
 from knowledge_base.export import EXPORT_FORMATS, render_entries
 from ui.chat_page import CSS as CHAT_CSS
 from ui.chat_page import HEAD, theme
+from ui.console_handoffs import build_handoffs_tab
 from ui.console_learning import build_learning_tab
 from ui.jobs import JobRunner
 
@@ -310,11 +311,13 @@ def build_console(
                 kb_parts = _kb_tab(engine, kb)
             with gr.Tab("Insights", id="insights"):
                 insight_parts = _insights_tab(engine, kb, store)
+            with gr.Tab("Hand-offs", id="handoffs"):
+                handoff_parts = build_handoffs_tab(engine)
             with gr.Tab("Resolved questions", id="learning"):
                 learning_parts = build_learning_tab(engine)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft_parts = _finetune_tab(engine, kb, store, settings, registry, runner)
-        for load in (kb_parts, insight_parts, learning_parts, ft_parts):
+        for load in (kb_parts, insight_parts, handoff_parts, learning_parts, ft_parts):
             console.load(load[0], load[1], load[2], api_visibility="private")
     return console
 

@@ -214,6 +214,7 @@ def serve(
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
     engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
+    engine.handoff.start_worker()  # hand-off notifications (webhook, e-mail) and their retries
     if demo and len(engine.kb) == 0:
         report = engine.kb.add_files([demo_file()])
         say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
@@ -256,6 +257,7 @@ def serve(
     try:
         server.run()
     finally:
+        engine.handoff.stop_worker()
         engine.store.close()
         engine.kb.close()
 
