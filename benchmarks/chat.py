@@ -22,6 +22,9 @@ Sections (each prints a table; ``--json`` writes every figure):
    and in the streamed text, with the default policy and with every attack forced to the LLM.
 6. **Guarded streaming** (``benchmarks/guarded.py``): time to the first visible word, sentence by
    sentence vs the whole answer, and the same questions with generation off.
+7. **Thread defaults under load** (``benchmarks/busy_neighbour.py``): faq/clarify/hand-off latency in
+   fresh processes at torch's default threads and at the shipped default, alone and with a busy
+   neighbour process per core.
 
     python -m benchmarks.chat --cache-dir /tmp/supportbot-bench          # ~12 min on 2 idle cores
     python -m benchmarks.chat --cache-dir /tmp/supportbot-bench --quick  # ~4 min
@@ -51,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.busy_neighbour import section_busy
 from benchmarks.common import (
     LoadMeter,
     foreign_cpu_load,
@@ -1312,6 +1316,7 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "4": section_followups,
     "5": section_injection,
     "6": section_guarded,
+    "7": section_busy,
 }
 
 

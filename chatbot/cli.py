@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from chatbot.runtime import SERVING_COMMANDS, apply_threads
 from chatbot.settings import Settings, load_settings
 from knowledge_base.errors import SupportBotError
 
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(config_file=args.config, overrides=_overrides(args))
+        # Before any model loads: torch's default threads collapse on a busy machine (chatbot.runtime).
+        apply_threads(settings, serving=args.command in SERVING_COMMANDS, env=os.environ)
         code: int = args.func(args, settings)
         return code
     except SupportBotError as exc:

@@ -42,6 +42,7 @@ __all__ = [
     "KBSettings",
     "ModelSettings",
     "PolicySettings",
+    "RuntimeSettings",
     "ServerSettings",
     "Settings",
     "load_settings",
@@ -66,7 +67,7 @@ class ModelSettings:
     cpu_speedup: Literal["none", "int8"] = "none"
     """"int8": dynamic int8 quantization of Linear layers on CPU (faster decode; see benchmarks/chat.py)."""
     threads: int = 0
-    """torch CPU threads; 0 keeps torch's default."""
+    """Older name of ``runtime.threads`` (when above 0 it wins); 0 leaves it to ``runtime.threads``."""
     max_new_tokens: int = 160
     temperature: float = 0.0
     """0 means greedy decoding (reproducible answers); > 0 samples."""
@@ -191,6 +192,19 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class RuntimeSettings:
+    threads: int = 0
+    """torch/OpenMP CPU threads for everything this process runs (embedder, generator, training);
+    0 = auto: 1 for ``serve``/``chat`` (fast under load), torch's default for batch commands
+    (`chatbot.runtime`)."""
+
+    def problems(self) -> list[Problem]:
+        if self.threads < 0:
+            return [Problem("runtime.threads", "must be >= 0", "0 = auto, 1 for a busy server")]
+        return []
+
+
+@dataclass(frozen=True)
 class HandoffSettings:
     """What happens after "I've passed your question to our support team" (`chatbot.handoff`)."""
 
@@ -290,6 +304,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     handoff: HandoffSettings = field(default_factory=HandoffSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some sections or fields changed: ``s.replace(policy={"faq_threshold": 0.8})``."""
@@ -321,6 +336,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "finetune": FinetuneSettings,
     "handoff": HandoffSettings,
+    "runtime": RuntimeSettings,
 }
 SECRET_FIELDS = {"openai_api_key", "admin_password_hash", "api_key", "smtp_password", "webhook_url"}
 

@@ -207,9 +207,11 @@ def serve(
     up, print the URL, and serve until interrupted."""
     import uvicorn
 
+    from chatbot.runtime import apply_threads
     from chatbot.services import build_engine, demo_file
 
     say = announce or (lambda text: print(text, flush=True))
+    apply_threads(settings, serving=True)  # also when called without the CLI (idempotent)
     began = time.perf_counter()
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
