@@ -1077,7 +1077,12 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         return f"▶️ Started `{html.escape(name.strip())}`. Progress shows below; the chat keeps answering meanwhile."
 
     def stop() -> str:
-        return "Stopping: a checkpoint is saved first." if runner.cancel() else "No run is in progress."
+        # What the run really kept is known once it has stopped: the status line says it then.
+        return (
+            "Stopping: the run saves a checkpoint if it has trained a step…"
+            if runner.cancel()
+            else "No run is in progress."
+        )
 
     def poll(seen: str) -> tuple[Any, ...]:
         status = runner.status()
