@@ -23,6 +23,7 @@ from typing import Any
 from chatbot.runtime import SERVING_COMMANDS, apply_threads
 from chatbot.settings import Settings, load_settings
 from knowledge_base.errors import SupportBotError
+from knowledge_base.private import restrict_umask
 
 __all__ = ["common_parser", "emit", "main", "progress_bar"]
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = restrict_umask()  # the data dir holds conversations and credentials: files 0600, folders 0700
     try:
         settings = load_settings(config_file=args.config, overrides=_overrides(args))
         # Before any model loads: torch's default threads collapse on a busy machine (chatbot.runtime).
@@ -116,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.umask(previous)  # for in-process callers (tests); a command's process ends here anyway
 
 
 if __name__ == "__main__":

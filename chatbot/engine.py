@@ -31,13 +31,19 @@ from chatbot.prompts import build_messages, load_prompt
 from chatbot.settings import SECRET_FIELDS, PolicySettings, Settings
 from chatbot.store import ConversationStore
 from knowledge_base.entry import normalize_text
-from knowledge_base.errors import SupportBotError
+from knowledge_base.errors import NotFoundError, SupportBotError
 from knowledge_base.kb import KnowledgeBase
 from knowledge_base.retriever import SearchHit
 
 __all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
 
 MAX_MESSAGE_CHARS = 4000
+#: Fields of an answer kept from public clients (see :meth:`Answer.public_dict`).
+PRIVATE_FIELDS = ("scores", "reason")
+#: The one error for an unknown conversation and for somebody else's: it reveals nothing about either.
+NOT_YOURS = "no conversation with this id belongs to this client"
+NOT_YOUR_ANSWER = "no answer with this id in this client's conversations"
+FIX_NOT_YOURS = "send the conversation_token returned with the conversation, or leave conversation_id out to start one"
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +70,16 @@ class Answer:
         out = asdict(self)
         out["latency_ms"] = round(self.latency_ms, 1)
         out["scores"] = [round(s, 4) for s in self.scores]
+        return out
+
+    def public_dict(self) -> dict[str, Any]:
+        """What a customer's client may see: :meth:`to_dict` without the policy's internals
+        (``scores``, ``reason``, each citation's ``score``), which would let anyone probe the
+        thresholds. The operator's tools (CLI, console, store) keep them."""
+        out = self.to_dict()
+        for key in PRIVATE_FIELDS:
+            out.pop(key, None)
+        out["citations"] = [{k: v for k, v in c.items() if k != "score"} for c in out["citations"]]
         return out
 
 
@@ -135,9 +151,11 @@ class ChatEngine:
             self._adapter_version = version
 
     # -- answering ---------------------------------------------------------------------------------
-    def answer(self, message: str, conversation_id: str | None = None, *, client: str = "") -> Answer:
+    def answer(
+        self, message: str, conversation_id: str | None = None, *, client: str = "", owner: str | None = None
+    ) -> Answer:
         final = None
-        for event in self.answer_stream(message, conversation_id, client=client):
+        for event in self.answer_stream(message, conversation_id, client=client, owner=owner):
             if event.kind == "done":
                 final = event.answer
         assert final is not None
@@ -166,8 +184,15 @@ class ChatEngine:
         return [m.question or "" for m in history if m.role == "assistant" and m.question]
 
     def answer_stream(
-        self, message: str, conversation_id: str | None = None, *, client: str = ""
+        self, message: str, conversation_id: str | None = None, *, client: str = "", owner: str | None = None
     ) -> Iterator[StreamEvent]:
+        """Answer ``message``, continuing ``conversation_id`` (a new conversation when it is None).
+
+        ``owner``: the secret token of the public client asking (a chat page's browser, an API
+        client). A new conversation is bound to it, and an existing one is continued only with the
+        token it was started with; an unknown id and somebody else's get the same
+        :class:`NotFoundError`. Without ``owner`` (the operator's CLI) any id is continued and an
+        unknown one starts a new conversation."""
         start = time.perf_counter()
         message = normalize_text(message or "")
         if not message:
@@ -177,8 +202,10 @@ class ChatEngine:
                 f"the message has {len(message)} characters, more than {MAX_MESSAGE_CHARS}",
                 fix="shorten it to the question itself",
             )
-        if conversation_id is None or not self.store.conversation_exists(conversation_id):
-            conversation_id = self.store.create_conversation(client=client)
+        if owner is not None and conversation_id is not None:
+            self.check_owner(conversation_id, owner)
+        if conversation_id is None or (owner is None and not self.store.conversation_exists(conversation_id)):
+            conversation_id = self.store.create_conversation(client=client, owner=owner)
         else:  # a clicked clarify option teaches the retriever what the customer's question meant
             self._learn_clarify_choice(conversation_id, message)
         previous = self._previous_questions(conversation_id)
@@ -334,10 +361,21 @@ class ChatEngine:
             return top.entry.answer, "faq", [top], f"generated answer rejected ({why}): best entry instead"
         return "", "handoff", [], f"generated answer rejected ({why})"
 
+    def check_owner(self, conversation_id: str, owner: str) -> None:
+        """Raise the uniform :class:`NotFoundError` unless ``owner`` started ``conversation_id``."""
+        if not self.store.owns(owner, conversation_id):
+            raise NotFoundError(NOT_YOURS, fix=FIX_NOT_YOURS)
+
     # -- the rest of the customer's loop ----------------------------------------------------------
-    def feedback(self, message_id: int, rating: str, comment: str = "") -> None:
+    def feedback(self, message_id: int, rating: str, comment: str = "", *, owner: str | None = None) -> None:
+        """Rate an answer. With ``owner`` (a public client) only answers in its own conversations,
+        and any other id gets the same :class:`NotFoundError`."""
         if rating not in ("up", "down"):
             raise SupportBotError(f"rating {rating!r} is not 'up' or 'down'", fix="send 'up' or 'down'")
+        if owner is not None and not self.store.owns_answer(owner, message_id):
+            raise NotFoundError(
+                NOT_YOUR_ANSWER, fix="rate the message_id of an answer, with its conversation's conversation_token"
+            )
         self.store.add_feedback(message_id, rating, comment)
         learning.safe_record_rating(self.kb, self.store, message_id, rating)
         if rating == "down":

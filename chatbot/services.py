@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from chatbot.settings import Settings
 from knowledge_base.embeddings import Embedder, make_embedder
 from knowledge_base.kb import KnowledgeBase
+from knowledge_base.private import private_dir
 
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
@@ -37,6 +38,7 @@ def open_knowledge_base(
 ) -> KnowledgeBase:
     """The knowledge base of ``settings.data_dir``. ``background`` (the server) lets large uploads
     return before their whole-entry vectors are embedded; commands leave a complete index."""
+    private_dir(settings.data_dir)
     return KnowledgeBase(
         settings.data_dir / "kb",
         settings.kb,
@@ -52,6 +54,7 @@ def open_conversation_store(settings: Settings) -> ConversationStore:
     from chatbot.store import ConversationStore
 
     # The business's own contacts (in the hand-off message) are not personal data: keep them readable.
+    private_dir(settings.data_dir)
     own_contacts = re.findall(r"[\w.+-]+@[\w.-]+|\+?\d[\d ().-]{5,}\d", settings.policy.handoff_message)
     return ConversationStore(
         settings.data_dir / "conversations.sqlite3", redact_pii=settings.policy.redact_pii, redact_keep=own_contacts

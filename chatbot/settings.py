@@ -170,13 +170,16 @@ class ServerSettings:
     api_key: str = ""
     """Key for the knowledge-base API and (if set) /v1; empty -> generated and stored in the data dir."""
     rate_limit_per_minute: int = 30
-    """Chat requests per client per minute; 0 disables."""
+    """Chat requests per client per minute, over every route to the engine (/api/chat, /v1, the chat
+    page's Gradio routes, one bucket per client); 0 disables."""
     cors_origins: str = ""
-    """Comma-separated allowed origins; empty keeps CORS off."""
+    """Comma-separated allowed origins (exact, e.g. https://shop.example); empty keeps CORS off.
+    Listed origins may also post to the public routes from their pages (docs/security.md)."""
     trusted_proxies: str = ""
     """Comma-separated addresses of reverse proxies (nginx, a load balancer) whose X-Forwarded-For
     names the client. Behind a proxy every client otherwise shares the proxy's rate-limit bucket;
-    from anyone else the header is ignored, so a client cannot choose its own bucket."""
+    from anyone else the header is ignored, so a client cannot choose its own bucket. Their
+    X-Forwarded-Proto (https: Secure cookies) and X-Forwarded-Host are believed too."""
     generation_concurrency: int = 1
     """Generations running at once; further ones queue. FAQ answers never wait for them."""
 
@@ -495,6 +498,7 @@ def load_settings(
 def write_data_dir_config(settings: Settings, updates: Mapping[str, Mapping[str, Any]]) -> Path:
     """Merge ``{section: {field: value}}`` into ``<data_dir>/supportbot.toml`` atomically."""
     from knowledge_base.atomic import atomic_write_text
+    from knowledge_base.private import private_dir
 
     path = settings.data_dir / DATA_DIR_CONFIG
     current: dict[str, Any] = {}
@@ -511,7 +515,7 @@ def write_data_dir_config(settings: Settings, updates: Mapping[str, Mapping[str,
         if isinstance(fields, Mapping):
             lines.append(f"\n[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     atomic_write_text(path, "\n".join(lines).lstrip() + "\n")
     return path
 

@@ -25,6 +25,11 @@ Guarantees:
 * **Schema upgrades in place.** ``PRAGMA user_version`` holds the schema version; at open the
   missing steps of :data:`MIGRATIONS` run in one transaction. Migrations are append-only: never edit
   a released step, add a new one. A database newer than this code is refused, not damaged.
+* **A conversation belongs to the client that started it.** A public client (a chat page's
+  browser, an API client) creates it with a secret token; only the token's SHA-256 is stored
+  (``owner_hash``), and :meth:`ConversationStore.owns` / :meth:`ConversationStore.owns_answer` check
+  it. Conversations from before schema 3 have no owner: no public client can continue or rate them.
+* **Private on disk.** The database is created 0600 (SQLite gives ``-wal``/``-shm`` the same mode).
 
 Times are ISO-8601 UTC strings (``2026-11-23T14:05:09.123456+00:00``), so they sort as text and
 ``created_at[:10]`` is the UTC day.
@@ -34,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import hmac
 import json
 import math
 import sqlite3
@@ -49,6 +56,7 @@ from typing import IO, Any
 from chatbot.redact import redact
 from knowledge_base.atomic import atomic_path
 from knowledge_base.errors import NotFoundError, SupportBotError
+from knowledge_base.private import private_file
 
 __all__ = [
     "CSV_COLUMNS",
@@ -124,7 +132,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX corrections_by_message ON corrections (message_id, id)",
     ),
-    (  # 3: hand-off tickets, the operators' replies, the notification outbox (`chatbot.tickets`)
+    (  # 3: the client a conversation belongs to: the SHA-256 of its secret token (NULL: no public client)
+        "ALTER TABLE conversations ADD COLUMN owner_hash TEXT",
+    ),
+    (  # 4: hand-off tickets, the operators' replies, the notification outbox (`chatbot.tickets`)
         """CREATE TABLE tickets (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
@@ -280,6 +291,18 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+def owner_hash(owner: str) -> str:
+    """What the store keeps of a client token: its SHA-256 (the tokens are 256 random bits, so a
+    slow hash would add nothing)."""
+    return hashlib.sha256(owner.encode("utf-8")).hexdigest()
+
+
+def _same_hash(owner: str, stored: str | None) -> bool:
+    # Hash and compare even when there is nothing stored, so an unknown id costs the same time.
+    candidate = owner_hash(owner or "").encode("ascii")
+    return hmac.compare_digest(candidate, (stored or "").encode("ascii")) and stored is not None and bool(owner)
+
+
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
     unique = sorted({int(i) for i in ids})
     for start in range(0, len(unique), _ID_CHUNK):
@@ -313,7 +336,7 @@ class ConversationStore:
         self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # 0600 before SQLite opens it: its -wal and -shm files copy the mode
         try:
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -435,15 +458,37 @@ class ConversationStore:
 
     # -- conversations and messages -------------------------------------------------------------
 
-    def create_conversation(self, *, client: str = "", channel: str = "web") -> str:
-        """A new conversation; returns its id (uuid4 hex). ``client``: an opaque tag, never a raw IP."""
+    def create_conversation(self, *, client: str = "", channel: str = "web", owner: str | None = None) -> str:
+        """A new conversation; returns its id (uuid4 hex). ``client``: an opaque tag, never a raw IP.
+        ``owner``: the secret token of the customer's browser or API client that may continue, read
+        and rate it (:meth:`owns`); only its SHA-256 is stored. Without one, no public client can."""
         conversation_id = uuid.uuid4().hex
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO conversations (id, created_at, client, channel) VALUES (?, ?, ?, ?)",
-                (conversation_id, self._now(), client, channel),
+                "INSERT INTO conversations (id, created_at, client, channel, owner_hash) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, self._now(), client, channel, None if owner is None else owner_hash(owner)),
             )
         return conversation_id
+
+    def owns(self, owner: str, conversation_id: str) -> bool:
+        """True when ``owner`` is the token ``conversation_id`` was created with (constant-time);
+        False for an unknown id, a conversation without an owner, or another token alike."""
+        row = self._conn().execute("SELECT owner_hash FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        stored = row["owner_hash"] if row is not None else None
+        return _same_hash(owner, stored)
+
+    def owns_answer(self, owner: str, message_id: int) -> bool:
+        """True when ``message_id`` is an assistant message in a conversation ``owner`` owns."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT c.owner_hash FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.id = ? AND m.role = 'assistant'",
+                (int(message_id),),
+            )
+            .fetchone()
+        )
+        return _same_hash(owner, row["owner_hash"] if row is not None else None)
 
     def conversation_exists(self, conversation_id: str) -> bool:
         row = self._conn().execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone()

@@ -11,13 +11,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from knowledge_base.private import private_dir
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
 
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success it replaces ``target`` atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary path to write to; on success it replaces ``target`` atomically. The file
+    is 0600 (``mkstemp``); a missing folder is created 0700 (``knowledge_base.private``)."""
+    if not target.parent.is_dir():
+        private_dir(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

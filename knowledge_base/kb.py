@@ -33,6 +33,7 @@ from knowledge_base.examples import SOURCES, LabelledExample, learned_key, selec
 from knowledge_base.export import export_entries
 from knowledge_base.index import DenseIndex, LexicalIndex, VectorKey
 from knowledge_base.loaders import load_faq_bytes, load_faq_file
+from knowledge_base.private import private_dir
 from knowledge_base.retriever import SearchHit, rank
 from knowledge_base.rwlock import ReadWriteLock
 from knowledge_base.settings import KBSettings
@@ -100,7 +101,7 @@ class KnowledgeBase:
         self.embedder = embedder
         self.progress = progress
         self.background = background
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self.store = EntryStore(directory / "kb.sqlite3")
         self._lock = ReadWriteLock()  # searches and index saves read; edits write
         self._save_lock = threading.Lock()  # the save timer and the dirty flag, among savers

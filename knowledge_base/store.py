@@ -23,6 +23,7 @@ import numpy as np
 from knowledge_base.entry import FAQEntry
 from knowledge_base.errors import NotFoundError, SupportBotError
 from knowledge_base.examples import LabelledExample
+from knowledge_base.private import private_file
 
 __all__ = ["EntryStore", "UpsertReport"]
 
@@ -86,7 +87,7 @@ class EntryStore:
     """Entries and cached vectors in one SQLite file (WAL; safe to use from many threads)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600 before SQLite opens it: its -wal and -shm files copy the mode
         self.path = path
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.RLock()

@@ -119,15 +119,17 @@ def test_chat_returns_the_chat_json_with_ids(client: TestClient) -> None:
     response = client.post("/api/chat", json={"message": FAQ_QUESTION})
     assert response.status_code == 200
     body = response.json()
-    for key in ("answer", "mode", "sources", "scores", "latency_ms", "conversation_id", "message_id"):
+    for key in ("answer", "mode", "sources", "latency_ms", "conversation_id", "conversation_token", "message_id"):
         assert key in body
+    assert "scores" not in body and "reason" not in body  # the policy's internals stay private
     assert body["mode"] == "faq"
     assert body["sources"][0] == "orders-002"
     assert body["citations"][0]["id"] == "orders-002"
     assert "cancel" in body["answer"].lower()
     assert isinstance(body["message_id"], int)
 
-    follow = client.post("/api/chat", json={"message": "thanks", "conversation_id": body["conversation_id"]})
+    ids = {"conversation_id": body["conversation_id"], "conversation_token": body["conversation_token"]}
+    follow = client.post("/api/chat", json={"message": "thanks", **ids})
     assert follow.status_code == 200
     assert follow.json()["conversation_id"] == body["conversation_id"]
     assert follow.json()["message_id"] > body["message_id"]
@@ -203,17 +205,17 @@ def test_generated_answers_stream_and_the_final_event_is_authoritative(tmp_path:
 
 def test_feedback_up_and_down(client: TestClient, engine: ChatEngine) -> None:
     answer = client.post("/api/chat", json={"message": FAQ_QUESTION}).json()
-    up = client.post("/api/feedback", json={"message_id": answer["message_id"], "rating": "up"})
+    mine = {"message_id": answer["message_id"], "conversation_token": answer["conversation_token"]}
+    up = client.post("/api/feedback", json={**mine, "rating": "up"})
     assert up.status_code == 200 and up.json()["ok"] is True
-    down = client.post(
-        "/api/feedback", json={"message_id": answer["message_id"], "rating": "down", "comment": "too long"}
-    )
+    down = client.post("/api/feedback", json={**mine, "rating": "down", "comment": "too long"})
     assert down.status_code == 200
     queued = [q for q in engine.store.unanswered() if q.message_id == answer["message_id"]]
     assert queued and queued[0].reason == "thumbs_down"
 
-    assert client.post("/api/feedback", json={"message_id": 10**9, "rating": "up"}).status_code == 404
-    bad = client.post("/api/feedback", json={"message_id": answer["message_id"], "rating": "meh"})
+    unknown = {"message_id": 10**9, "conversation_token": answer["conversation_token"], "rating": "up"}
+    assert client.post("/api/feedback", json=unknown).status_code == 404
+    bad = client.post("/api/feedback", json={**mine, "rating": "meh"})
     assert bad.status_code == 422
 
 

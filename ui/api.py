@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -53,6 +52,8 @@ from chatbot.settings import Settings
 from knowledge_base.entry import content_id, normalize_text
 from knowledge_base.errors import IngestError, ModelLoadError, NotFoundError, ProblemsError, SupportBotError
 from ui.auth import Auth
+from ui.ratelimit import RateLimiter, client_address, retry_after
+from ui.security import Guards, new_client_token
 
 if TYPE_CHECKING:
     from chatbot.engine import Answer, ChatEngine, StreamEvent
@@ -68,8 +69,6 @@ MAX_JSON_BODY = 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 #: Worker threads for engine calls: generation requests hold one while they wait for a slot.
 ENGINE_THREADS = 256
-#: Failed logins allowed per client per minute before 429.
-AUTH_FAILURES_PER_MINUTE = 10
 MAX_COMMENT_CHARS = 2000
 DEFAULT_MODEL_ID = "supportbot"
 #: No caching, and no buffering by reverse proxies (nginx), so chunks reach the browser as written.
@@ -187,88 +186,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 # Clients and rate limiting
 
 
-def _trusted_proxies(settings: Settings) -> frozenset[str]:
-    return frozenset(p.strip() for p in settings.server.trusted_proxies.split(",") if p.strip())
-
-
-def client_address(request: Request, trusted_proxies: frozenset[str] = frozenset()) -> str:
-    """The client's IP: the peer, or, behind a trusted proxy, the last X-Forwarded-For hop it added."""
-    peer = request.client.host if request.client else "unknown"
-    if peer not in trusted_proxies:
-        return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if hop not in trusted_proxies:
-            return hop
-    return peer
-
-
-class RateLimiter:
-    """A token bucket per client: ``per_minute`` requests, refilled continuously; 0 disables it.
-
-    In memory (one process serves the app); idle full buckets are dropped so memory stays bounded.
-    """
-
-    MAX_CLIENTS = 10_000
-
-    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.capacity > 0
-
-    def acquire(self, client: str) -> float:
-        """Take a token; returns 0 when allowed, else the seconds until one is available."""
-        if not self.enabled:
-            return 0.0
-        now = self.clock()
-        with self._lock:
-            tokens = self._tokens(client, now)
-            if tokens >= 1.0:
-                self._buckets[client] = (tokens - 1.0, now)
-                wait = 0.0
-            else:
-                self._buckets[client] = (tokens, now)
-                wait = (1.0 - tokens) / self.rate
-            if len(self._buckets) > self.MAX_CLIENTS:
-                self._prune(now)
-        return wait
-
-    def blocked(self, client: str) -> float:
-        """Seconds until ``client`` has a token again, without taking one (0 when it has)."""
-        if not self.enabled:
-            return 0.0
-        now = self.clock()
-        with self._lock:
-            tokens = self._tokens(client, now)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-
-    def _tokens(self, client: str, now: float) -> float:
-        """The tokens ``client`` has at ``now``: its bucket refilled since it last changed (hold the lock)."""
-        tokens, stamp = self._buckets.get(client, (self.capacity, now))
-        return min(self.capacity, tokens + (now - stamp) * self.rate)
-
-    def _prune(self, now: float) -> None:
-        full_after = self.capacity / self.rate
-        self._buckets = {c: (t, s) for c, (t, s) in self._buckets.items() if now - s < full_after}
-        if len(self._buckets) > self.MAX_CLIENTS:  # a flood of distinct clients: start over
-            self._buckets.clear()
-
-
-def _too_many(wait: float, what: str) -> ApiError:
-    seconds = max(1, math.ceil(wait))
+def _too_many(wait: float, what: str, fix: str = "server.rate_limit_per_minute sets the limit") -> ApiError:
+    seconds = retry_after(wait)
     return ApiError(
         429,
         "RateLimited",
         f"too many {what} from this client; try again in {seconds} s",
-        "wait for the Retry-After seconds (server.rate_limit_per_minute sets the limit)",
+        f"wait for the Retry-After seconds ({fix})",
         headers={"Retry-After": str(seconds)},
     )
+
+
+#: The account name the API key counts under in the login throttle.
+API_KEY_ACCOUNT = "api-key"
+LOGIN_LIMIT_FIX = "failed logins are throttled per client and per account: docs/security.md"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,6 +223,13 @@ class ChatRequest(BaseModel):
     conversation_id: str | None = Field(
         None, description="Continue this conversation (from an earlier answer); omit to start one."
     )
+    conversation_token: str | None = Field(
+        None,
+        description="The secret returned with the conversation's first answer; required with conversation_id.",
+    )
+    debug: bool = Field(
+        False, description="Add the policy's scores and reason (needs the API key or the console login)."
+    )
     stream: bool = Field(
         False,
         description='Server-sent events: `data: {"delta": "..."}` chunks, then `data: {"done": true, ...answer}`.',
@@ -304,10 +242,11 @@ class ChatRequest(BaseModel):
 
 
 class Citation(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `score` with debug
+
     id: str
     question: str
     answer: str
-    score: float
 
 
 class ClarifyOption(BaseModel):
@@ -316,16 +255,19 @@ class ClarifyOption(BaseModel):
 
 
 class ChatResponse(BaseModel):
-    """The ``supportbot chat`` JSON plus conversation and message ids (answer it with /api/feedback)."""
+    """The answer with its conversation and message ids (rate it with /api/feedback). Public: no
+    scores or thresholds, unless ``debug`` with credentials adds ``scores`` and ``reason``."""
 
     model_config = ConfigDict(extra="allow")
 
     answer: str
     mode: Literal["faq", "clarify", "generated", "handoff"]
     sources: list[str] = Field(description="FAQ entry ids, best first")
-    scores: list[float]
     latency_ms: float
     conversation_id: str
+    conversation_token: str = Field(
+        description="Secret of this conversation: send it with conversation_id to continue or rate it"
+    )
     message_id: int
     options: list[ClarifyOption] = Field(default_factory=list, description='"did you mean" choices (mode clarify)')
     citations: list[Citation] = Field(default_factory=list, description="the cited entries, for display")
@@ -336,6 +278,7 @@ class ChatResponse(BaseModel):
 
 class FeedbackRequest(BaseModel):
     message_id: int = Field(description="`message_id` of the answer being rated")
+    conversation_token: str = Field(description="the `conversation_token` of the answer's conversation")
     rating: Literal["up", "down"]
     comment: str = Field("", max_length=MAX_COMMENT_CHARS)
 
@@ -501,6 +444,9 @@ class ChatCompletionRequest(BaseModel):
     conversation_id: str | None = Field(
         None, description="SupportBot extension: continue this conversation instead of matching the history"
     )
+    conversation_token: str | None = Field(
+        None, description="SupportBot extension: the conversation's secret, required with conversation_id"
+    )
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -514,11 +460,21 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 401: {"model": ErrorBo
 # Helpers
 
 
-def _chat_json(answer: Answer) -> dict[str, Any]:
-    """The CLI ``chat`` JSON (``answer``, not ``text``) plus the engine's ids, options and citations."""
-    data = answer.to_dict()
+def _chat_json(answer: Answer, token: str, *, debug: bool = False) -> dict[str, Any]:
+    """The public answer (``answer``, not ``text``; no scores or reason) with the engine's ids,
+    options, citations and the conversation's token; ``debug`` keeps the policy's internals."""
+    data = answer.to_dict() if debug else answer.public_dict()
     data["answer"] = data.pop("text")
+    data["conversation_token"] = token
     return data
+
+
+def _conversation_owner(conversation_id: str | None, token: str | None) -> str:
+    """The owner token of a chat request: a new one for a new conversation; the given one to
+    continue (a missing token gets the engine's uniform "not yours" error, like a wrong one)."""
+    if conversation_id is None:
+        return new_client_token()
+    return token or ""
 
 
 def _sse(payload: Any) -> bytes:
@@ -539,7 +495,7 @@ class ConversationMap:
 
     OpenAI clients resend the whole history each turn. After answering, the history including the
     answer is remembered (hashed, with the client's address and the request's ``user``) with its
-    conversation id; the next request from that client whose earlier messages hash the same
+    conversation id and token; the next request from that client whose earlier messages hash the same
     continues that conversation, so the store holds each turn once and follow-ups resolve. Each
     remembered history is continued once: a second customer who happens to send the same words gets
     a conversation of their own. An unknown history (a restart, an edited transcript) starts a new
@@ -548,23 +504,24 @@ class ConversationMap:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._map: OrderedDict[str, str] = OrderedDict()
+        self._map: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
     def _key(scope: str, history: Sequence[tuple[str, str]]) -> str:
         return _history_key([("scope", scope), *history])
 
-    def take(self, scope: str, history: Sequence[tuple[str, str]]) -> str | None:
+    def take(self, scope: str, history: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+        """``(conversation_id, conversation_token)`` of the conversation ``history`` continues."""
         if not history:
             return None
         with self._lock:
             return self._map.pop(self._key(scope, history), None)
 
-    def remember(self, scope: str, history: Sequence[tuple[str, str]], conversation_id: str) -> None:
+    def remember(self, scope: str, history: Sequence[tuple[str, str]], conversation_id: str, token: str) -> None:
         key = self._key(scope, history)
         with self._lock:
-            self._map[key] = conversation_id
+            self._map[key] = (conversation_id, token)
             while len(self._map) > self.size:
                 self._map.popitem(last=False)
 
@@ -573,12 +530,14 @@ class ConversationMap:
 # The routes
 
 
-def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) -> None:
-    """Add the ``/api`` and ``/v1`` routes, error handlers and limits to ``app``."""
+def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth, guards: Guards | None = None) -> None:
+    """Add the ``/api`` and ``/v1`` routes, error handlers and limits to ``app``. ``guards``: the
+    chat rate limiter and login throttle shared with the rest of the app (``ui.server``)."""
     _install_error_handlers(app)
-    proxies = _trusted_proxies(settings)
-    chat_limiter = RateLimiter(settings.server.rate_limit_per_minute)
-    login_failures = RateLimiter(AUTH_FAILURES_PER_MINUTE)
+    guards = guards or Guards.from_settings(settings)
+    proxies = guards.trusted_proxies
+    chat_limiter = guards.chat_limiter
+    logins = guards.logins
     conversations = ConversationMap()
     upload_limit = int(settings.kb.max_upload_mb * 1024 * 1024)  # the loaders' own limit: one knob
     state: dict[str, anyio.CapacityLimiter] = {}
@@ -618,18 +577,33 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
         token: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
         login: Annotated[HTTPBasicCredentials | None, Depends(BASIC)],
     ) -> str:
-        """The API key (Bearer) or the admin login (Basic); returns who it is."""
+        """The API key (Bearer) or the admin login (Basic); returns who it is. Both go through the
+        shared login throttle (per client and per account); Basic is refused from other web sites,
+        whose requests a browser would sign with the remembered login (CSRF)."""
         client = client_address(request, proxies)
-        wait = login_failures.blocked(client)
+        bearer = token is not None and token.scheme.lower() == "bearer"
+        account = API_KEY_ACCOUNT if bearer else login.username if login is not None else None
+        wait = logins.blocked(client, account)
         if wait > 0:
-            raise _too_many(wait, "failed logins")
-        if token is not None and token.scheme.lower() == "bearer":
+            raise _too_many(wait, "failed logins", LOGIN_LIMIT_FIX)
+        if login is not None and not bearer:
+            foreign = guards.request_foreign_site(request, listed_ok=False)
+            if foreign is not None:
+                raise ApiError(
+                    403,
+                    "CrossSiteRequest",
+                    f"the console login is not accepted from another web site ({foreign})",
+                    "call from the site itself or a server-side client, or use the API key (Bearer)",
+                )
+        if bearer and token is not None:
             if auth.check_api_key(token.credentials):
+                logins.success(client, account)
                 return "api-key"
         elif login is not None and await call(auth.check_password, login.username, login.password):
+            logins.success(client, account)
             return login.username
         if token is not None or login is not None or request.headers.get("authorization"):
-            login_failures.acquire(client)
+            logins.failure(client, account, path=request.url.path)
             raise ApiError(
                 401,
                 "Unauthorized",
@@ -650,13 +624,14 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
         if not auth.v1_key_required:
             return
         client = client_address(request, proxies)
-        wait = login_failures.blocked(client)
+        wait = logins.blocked(client, API_KEY_ACCOUNT)
         if wait > 0:
-            raise _too_many(wait, "failed logins")
+            raise _too_many(wait, "failed logins", LOGIN_LIMIT_FIX)
         if token is not None and auth.check_api_key(token.credentials):
+            logins.success(client, API_KEY_ACCOUNT)
             return
         if token is not None:
-            login_failures.acquire(client)
+            logins.failure(client, API_KEY_ACCOUNT, path=request.url.path)
         raise ApiError(
             401,
             "Unauthorized",
@@ -675,15 +650,28 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
         responses={
             **ERRORS,
             200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
+            404: {"model": ErrorBody, "description": "no conversation with this id and token"},
             429: {"model": ErrorBody, "description": "rate limit; see Retry-After"},
         },
         summary="Ask the bot",
     )
-    async def chat(body: ChatRequest) -> Any:
-        """One customer turn through the whole pipeline: the ``supportbot chat`` JSON plus
-        ``conversation_id`` (send it back to continue) and ``message_id`` (for feedback)."""
+    async def chat(
+        body: ChatRequest,
+        request: Request,
+        token: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+        login: Annotated[HTTPBasicCredentials | None, Depends(BASIC)],
+    ) -> Any:
+        """One customer turn through the whole pipeline: the answer, its mode, sources and citations,
+        ``conversation_id`` with ``conversation_token`` (send both back to continue or rate it) and
+        ``message_id`` (for feedback). ``debug`` (with the API key or the console login) adds the
+        policy's scores and reason."""
+        if body.debug:
+            await staff(request, token, login)
+        owner = _conversation_owner(body.conversation_id, body.conversation_token)
+        if body.conversation_id is not None:  # before a stream starts, so that it is a plain 404
+            await call(engine.check_owner, body.conversation_id, owner)
         if body.stream:
-            events = engine.answer_stream(body.message, body.conversation_id, client="api")
+            events = engine.answer_stream(body.message, body.conversation_id, client="api", owner=owner)
 
             async def stream() -> AsyncIterator[bytes]:
                 try:
@@ -691,7 +679,7 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
                         if event.kind == "delta" and event.text:
                             yield _sse({"delta": event.text})
                         elif event.kind == "done" and event.answer is not None:
-                            yield _sse({"done": True, **_chat_json(event.answer)})
+                            yield _sse({"done": True, **_chat_json(event.answer, owner, debug=body.debug)})
                 except SupportBotError as exc:
                     yield _sse({"done": True, **_error_body(exc)})
                 except Exception:  # the response has started: report in-band, then end the stream
@@ -706,13 +694,14 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
                     )
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-        answer = await call(engine.answer, body.message, body.conversation_id, client="api")
-        return _chat_json(answer)
+        answer = await call(engine.answer, body.message, body.conversation_id, client="api", owner=owner)
+        return _chat_json(answer, owner, debug=body.debug)
 
     @public.post("/feedback", response_model=FeedbackResponse, responses={**ERRORS, 404: {"model": ErrorBody}})
     async def feedback(body: FeedbackRequest) -> FeedbackResponse:
-        """Thumbs up or down on an answer; a thumbs-down queues the question for the support team."""
-        await call(engine.feedback, body.message_id, body.rating, body.comment)
+        """Thumbs up or down on an answer of your own conversation (its ``conversation_token``);
+        a thumbs-down queues the question for the support team."""
+        await call(engine.feedback, body.message_id, body.rating, body.comment, owner=body.conversation_token)
         return FeedbackResponse(message_id=body.message_id, rating=body.rating)
 
     @public.get("/suggestions", response_model=Suggestions)
@@ -934,13 +923,19 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
             raise ApiError(422, "ValidationError", str(exc), "send the customer's question") from None
         earlier = turns[:last_user]
         scope = f"{client_address(request, proxies)}|{body.user or ''}"
-        conversation_id = body.conversation_id or conversations.take(scope, earlier)
+        if body.conversation_id is not None:
+            conversation_id: str | None = body.conversation_id
+            owner = _conversation_owner(body.conversation_id, body.conversation_token)
+            await call(engine.check_owner, body.conversation_id, owner)
+        else:
+            conversation_id, owner = conversations.take(scope, earlier) or (None, new_client_token())
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
 
         def extension(answer: Answer) -> dict[str, Any]:
-            data = _chat_json(answer)
-            return {k: data[k] for k in ("mode", "sources", "scores", "conversation_id", "message_id", "citations")}
+            data = _chat_json(answer, owner)
+            keys = ("mode", "sources", "conversation_id", "conversation_token", "message_id", "citations")
+            return {k: data[k] for k in keys}
 
         def usage(text: str) -> dict[str, int]:
             prompt = sum(_approx_tokens(t) for _, t in turns[: last_user + 1])
@@ -948,9 +943,9 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
             return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
         if not body.stream:
-            answer = await call(engine.answer, question, conversation_id, client="openai")
+            answer = await call(engine.answer, question, conversation_id, client="openai", owner=owner)
             conversations.remember(
-                scope, [*earlier, ("user", question), ("assistant", answer.text)], answer.conversation_id
+                scope, [*earlier, ("user", question), ("assistant", answer.text)], answer.conversation_id, owner
             )
             return {
                 "id": completion_id,
@@ -968,7 +963,7 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
                 "supportbot": extension(answer),
             }
 
-        events = engine.answer_stream(question, conversation_id, client="openai")
+        events = engine.answer_stream(question, conversation_id, client="openai", owner=owner)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             payload = {
@@ -999,7 +994,7 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth) ->
                             sent += rest
                             yield chunk({"content": rest})
                         conversations.remember(
-                            scope, [*earlier, ("user", question), ("assistant", sent)], answer.conversation_id
+                            scope, [*earlier, ("user", question), ("assistant", sent)], answer.conversation_id, owner
                         )
                         yield chunk(
                             {},

@@ -5,7 +5,12 @@ entries each answer comes from (folded away under "Sources"), "did you mean" but
 is unsure between entries, a clearly marked hand-off to a person (with an optional field for an
 e-mail or phone to be answered at, and the team's replies appearing in the chat while it is open),
 thumbs up/down with an optional comment on every final answer, and "New conversation". The conversation id lives in the page's session
-state, so each browser tab is its own conversation.
+state (on the server), so each browser tab is its own conversation.
+
+Security (docs/security.md): the conversations a browser starts belong to its ``sb-client`` cookie
+(set by ``ui.security``; a client without cookies gets a token kept in its session state), and the
+engine continues or rates them only with that token. Every message passes the server's one chat
+rate limiter (``guards``), whichever Gradio route it came by (queue, ``/gradio_api/call/chat``…).
 
 Mount it with the page style (theme, CSS, no footer links, all local: the server may be offline)::
 
@@ -26,6 +31,8 @@ import gradio as gr
 from gradio.components.chatbot import ExampleMessage
 
 from knowledge_base.errors import SupportBotError
+from ui.ratelimit import retry_after
+from ui.security import CLIENT_COOKIE, Guards, new_client_token
 
 __all__ = [
     "CSS",
@@ -112,8 +119,19 @@ MOUNT_OPTIONS: dict[str, Any] = {"theme": theme(), "css": CSS, "head": HEAD}
 
 
 def new_session() -> dict[str, Any]:
-    """A tab's chat state: its conversation, the message id of each answer, pending feedback."""
-    return {"conversation_id": None, "message_ids": {}, "pending": None}
+    """A tab's chat state: its conversation, the message id of each answer, pending feedback, and
+    the client token its conversations belong to (the ``sb-client`` cookie, once known)."""
+    return {"conversation_id": None, "message_ids": {}, "pending": None, "owner": None}
+
+
+def _with_owner(session: dict[str, Any], request: Any) -> dict[str, Any]:
+    """``session`` with its owner token: the browser's client cookie, else the one it has, else new.
+    A different cookie than before (cleared cookies, another browser) starts a new conversation."""
+    cookies = (getattr(request, "cookies", None) or {}) if request is not None else {}
+    owner = cookies.get(CLIENT_COOKIE) or session.get("owner") or new_client_token()
+    if owner != session.get("owner"):
+        session = {**session, "owner": owner, "conversation_id": None, "message_ids": {}, "pending": None}
+    return session
 
 
 def _sources_block(citations: list[dict[str, Any]], *, generated: bool = False) -> str:
@@ -187,12 +205,14 @@ def _hidden_feedback() -> tuple[Any, Any]:
 
 def build_chat_page(
     engine: Any,
+    guards: Guards | None = None,
     *,
     title: str = "Customer support",
     intro: str = "Ask a question and I'll answer from our help centre, or pass you to a person.",
     suggestions: int = 4,
 ) -> gr.Blocks:
-    """The public chat page for ``engine`` (a :class:`chatbot.engine.ChatEngine`)."""
+    """The public chat page for ``engine`` (a :class:`chatbot.engine.ChatEngine`). ``guards``: the
+    server's shared limits (``ui.security``); without them messages are not rate-limited."""
     contact = str(getattr(getattr(engine.settings, "policy", None), "handoff_message", "") or "")
 
     def suggested() -> list[str]:
@@ -202,18 +222,25 @@ def build_chat_page(
             log.exception("suggested questions failed")
             return []
 
-    def respond(message: str, history: list[dict[str, Any]], session: dict[str, Any]) -> Iterator[Any]:
+    def respond(
+        message: str, history: list[dict[str, Any]], session: dict[str, Any], request: gr.Request | None = None
+    ) -> Iterator[Any]:
         message = (message or "").strip()
-        session = session or new_session()
+        session = _with_owner(session or new_session(), request)
         if not message:
             yield "", history, session, *_hidden_feedback()
             return
+        if guards is not None and request is not None:
+            wait = guards.chat_limiter.acquire(guards.client_of(request))
+            if wait > 0:
+                raise gr.Error(f"You are sending messages too quickly. Please try again in {retry_after(wait)} s.")
         history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": TYPING}]
         # No thumbs while an answer is being written: a rating belongs to a final answer.
         yield "", in_progress(history), session, *_hidden_feedback()
         streamed = ""
         try:
-            for event in engine.answer_stream(message, session.get("conversation_id"), client="web"):
+            events = engine.answer_stream(message, session.get("conversation_id"), client="web", owner=session["owner"])
+            for event in events:
                 if event.kind == "delta" and event.text:
                     # Only guard-checked text arrives here (chatbot.guarded_stream).
                     streamed += event.text
@@ -244,7 +271,7 @@ def build_chat_page(
         if message_id is None or data.liked not in (True, False):
             return session, gr.update(visible=False), gr.skip(), gr.skip()
         rating = "up" if data.liked is True else "down"
-        engine.feedback(int(message_id), rating)
+        engine.feedback(int(message_id), rating, owner=session.get("owner"))
         prompt = (
             "Thanks! Anything to add? *(optional)*"
             if rating == "up"
@@ -256,7 +283,7 @@ def build_chat_page(
     def send_comment(comment: str, session: dict[str, Any]) -> tuple[Any, ...]:
         pending = (session or {}).get("pending")
         if pending and (comment or "").strip():
-            engine.feedback(pending["message_id"], pending["rating"], comment.strip())
+            engine.feedback(pending["message_id"], pending["rating"], comment.strip(), owner=session.get("owner"))
             gr.Info("Thanks for your feedback!")
         return {**(session or new_session()), "pending": None}, *_hidden_feedback()
 
@@ -291,8 +318,8 @@ def build_chat_page(
         history = [*history, *({"role": "assistant", "content": operator_message(r.text)} for r in replies)]
         return history, {**session, "last_reply": replies[-1].id}
 
-    def restart() -> tuple[Any, ...]:
-        return [], new_session(), "", *_hidden_feedback()
+    def restart(session: dict[str, Any] | None = None) -> tuple[Any, ...]:
+        return [], {**new_session(), "owner": (session or {}).get("owner")}, "", *_hidden_feedback()
 
     def on_load() -> Any:
         return gr.update(examples=_examples(suggested()))
@@ -379,10 +406,10 @@ def build_chat_page(
         comment.submit(send_comment, [comment, session], comment_outputs, api_visibility="private")
         skip_button.click(close_comment, [session], comment_outputs, api_visibility="private")
         reset_outputs = [chatbot, session, textbox, feedback_box, comment]
-        new_button.click(restart, None, reset_outputs, api_visibility="private", queue=False).then(
+        new_button.click(restart, [session], reset_outputs, api_visibility="private", queue=False).then(
             after_answer, [session], handoff_outputs, **private
         )
-        chatbot.clear(restart, None, reset_outputs, api_visibility="private", queue=False).then(
+        chatbot.clear(restart, [session], reset_outputs, api_visibility="private", queue=False).then(
             after_answer, [session], handoff_outputs, **private
         )
         page.load(on_load, None, chatbot, api_visibility="private", queue=False)

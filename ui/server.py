@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from chatbot.settings import Settings
 from ui.api import add_api
 from ui.auth import Auth
+from ui.security import Guards, SecurityMiddleware, cors_origins
 
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
@@ -40,6 +41,8 @@ __all__ = ["banner_lines", "create_app", "serve", "warm_up"]
 
 log = logging.getLogger(__name__)
 
+#: Gradio's cache cleanup for the console: (every n seconds, delete files older than n seconds).
+TEMP_FILE_CLEANUP = (3600, 3600)
 #: Gradio 6 takes these at mount time, not in ``gr.Blocks()``.
 STYLE_KEYS = ("theme", "css", "css_paths", "js", "head", "head_paths")
 #: What a page's ``mount_options()`` may set.
@@ -115,16 +118,18 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    origins = [o.strip() for o in settings.server.cors_origins.split(",") if o.strip()]
-    if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
-            allow_credentials=False,
-        )
-    add_api(app, settings, engine, auth)
+    guards = Guards.from_settings(settings)
+    # Always installed, with no origin unless configured: Gradio leaves CORS to a parent app that has
+    # this middleware, and otherwise reflects any Origin under a non-localhost Host (docs/security.md).
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=cors_origins(settings),
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+        allow_credentials=False,
+    )
+    app.add_middleware(SecurityMiddleware, guards=guards)  # outermost: before CORS and every route
+    add_api(app, settings, engine, auth, guards)
 
     @app.get("/admin", include_in_schema=False)
     async def admin_redirect() -> RedirectResponse:
@@ -135,7 +140,7 @@ def create_app(
     chat_options: dict[str, Any] | None = None
     console_options: dict[str, Any] | None = None
     if chat_ui is None:
-        chat_ui, chat_options = _build_page("ui.chat_page", "build_chat_page", engine)
+        chat_ui, chat_options = _build_page("ui.chat_page", "build_chat_page", engine, guards)
     if console_ui is None:
         console_ui, console_options = _build_page("ui.console", "build_console", engine, settings, auth)
         # One look for both pages unless the console brings its own.
@@ -146,6 +151,9 @@ def create_app(
         max_file_size = int(settings.kb.max_upload_mb * 1024 * 1024)
         # /admin first: a mount at / matches every path.
         if console_ui:
+            # Uploaded FAQ files and exports are deleted an hour after they were written (and at
+            # shutdown): Gradio keeps them in its temp folder otherwise.
+            console_ui.delete_cache = console_ui.delete_cache or TEMP_FILE_CLEANUP
             gr.mount_gradio_app(
                 app,
                 console_ui,
@@ -209,9 +217,11 @@ def serve(
 
     from chatbot.runtime import apply_threads
     from chatbot.services import build_engine, demo_file
+    from knowledge_base.private import restrict_umask
 
     say = announce or (lambda text: print(text, flush=True))
     apply_threads(settings, serving=True)  # also when called without the CLI (idempotent)
+    restrict_umask()  # everything this server writes (data, Gradio's temp files) is the account's alone
     began = time.perf_counter()
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
