@@ -33,6 +33,7 @@ from chatbot.settings import Settings
 from ui.api import add_api
 from ui.auth import Auth
 from ui.security import Guards, SecurityMiddleware, cors_origins
+from ui.warmup import WarmingApp
 
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
@@ -182,14 +183,17 @@ def _version() -> str:
         return "0"
 
 
-def warm_up(engine: ChatEngine) -> dict[str, float]:
+def warm_up(engine: ChatEngine, *, embedder: bool = True, generator: bool = True) -> dict[str, float]:
     """Load and exercise the models (one embedding, one search, a 1-token generation) so the first
     customer does not wait; returns the seconds each step took. A generator that fails to load is
     reported, not fatal: FAQ answers need no generator."""
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    engine.kb.search("How do I track my order?", 1)
-    timings["warm-up: embedder"] = time.perf_counter() - start
+    if embedder:
+        start = time.perf_counter()
+        engine.kb.search("How do I track my order?", 1)
+        timings["warm-up: embedder"] = time.perf_counter() - start
+    if not generator:
+        return timings
     start = time.perf_counter()
     try:
         engine.generator.generate(
@@ -225,37 +229,55 @@ def serve(
     began = time.perf_counter()
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
-    engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
-    engine.handoff.start_worker()  # hand-off notifications (webhook, e-mail) and their retries
-    if demo and len(engine.kb) == 0:
-        report = engine.kb.add_files([demo_file()])
-        say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
-    steps["knowledge base"] = time.perf_counter() - began
-    # Load the models while Gradio builds the pages: both take seconds, and mostly not the same resource.
-    warmer = threading.Thread(target=lambda: steps.update(warm_up(engine)), name="warm-up", daemon=True)
-    warmer.start()
-    pages_began = time.perf_counter()
-    app = create_app(settings, engine, auth=auth)
-    steps["web app"] = time.perf_counter() - pages_began
-    warmer.join()
-
     host, port = settings.server.host, settings.server.port
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
+    # The port answers at once with a "warming up" page; the real app replaces it when it is built.
+    front = WarmingApp()
+    engines: list[ChatEngine] = []
 
-    def ready() -> None:
-        since_start = _process_age()
-        total = (
-            f"{since_start:.1f} s after launch" if since_start is not None else f"{time.perf_counter() - began:.1f} s"
-        )
-        detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
-        say(f"SupportBot is ready ({total}; {detail})")
-        for line in banner_lines(url):
-            say(line)
+    def since_launch() -> str:
+        age = _process_age()
+        return f"{age:.1f} s after launch" if age is not None else f"{time.perf_counter() - began:.1f} s"
+
+    def build() -> None:
+        try:
+            engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
+            engines.append(engine)
+            engine.handoff.start_worker()  # hand-off notifications (webhook, e-mail) and their retries
+            if demo and len(engine.kb) == 0:
+                front.stage = "loading the demo FAQ"
+                report = engine.kb.add_files([demo_file()])
+                say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
+            front.stage = "loading the embedder"
+            steps.update(warm_up(engine, generator=False))
+            steps["knowledge base"] = time.perf_counter() - began
+            front.stage = "building the web pages"
+            pages_began = time.perf_counter()
+            app = create_app(settings, engine, auth=auth)
+            steps["web app"] = time.perf_counter() - pages_began
+            front.set_app(app)  # FAQ answers from now on; generation joins when warm
+            detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
+            say(f"SupportBot is ready ({since_launch()}; {detail})")
+            for line in banner_lines(url):
+                say(line)
+            verdict = engine.generation.verdict(settings)
+            if verdict.on:
+                seconds = warm_up(engine, embedder=False)["warm-up: generator"]
+                say(f"Generation is warm ({seconds:.1f} s; {since_launch()}).")
+            else:
+                say(f"Generation is off ({verdict.reason}); answers come from the FAQ.")
+        except Exception as exc:  # say why, and stop: a server without its app must not linger
+            log.exception("start-up failed")
+            say(f"error: SupportBot could not start: {exc}")
+            server.should_exit = True
+
+    def listening() -> None:
+        say(f"Listening on {url} ({since_launch()}); warming up…")
 
     # X-Forwarded-For is never trusted by uvicorn itself: `ui.api.client_address` decides (trusted_proxies).
     config = uvicorn.Config(
-        app,
+        front,
         host=host,
         port=port,
         log_level="warning",
@@ -265,13 +287,15 @@ def serve(
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
-    server = _make_server(config, ready)
+    server = _make_server(config, listening)
+    threading.Thread(target=build, name="start-up", daemon=True).start()
     try:
         server.run()
     finally:
-        engine.handoff.stop_worker()
-        engine.store.close()
-        engine.kb.close()
+        for engine in engines:
+            engine.handoff.stop_worker()
+            engine.store.close()
+            engine.kb.close()
 
 
 def banner_lines(url: str) -> list[str]:
