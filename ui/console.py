@@ -47,6 +47,7 @@ from ui.chat_page import CSS as CHAT_CSS
 from ui.chat_page import HEAD, theme
 from ui.console_handoffs import build_handoffs_tab
 from ui.console_learning import build_learning_tab
+from ui.console_settings import build_settings_tab
 from ui.jobs import JobRunner
 
 __all__ = [
@@ -317,7 +318,9 @@ def build_console(
                 learning_parts = build_learning_tab(engine)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft_parts = _finetune_tab(engine, kb, store, settings, registry, runner)
-        for load in (kb_parts, insight_parts, handoff_parts, learning_parts, ft_parts):
+            with gr.Tab("Settings", id="settings"):
+                settings_parts = build_settings_tab(engine)
+        for load in (kb_parts, insight_parts, handoff_parts, learning_parts, ft_parts, settings_parts):
             console.load(load[0], load[1], load[2], api_visibility="private")
     return console
 
