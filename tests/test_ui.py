@@ -390,8 +390,9 @@ def test_answers_stream_and_the_conversation_is_remembered(engine: ChatEngine) -
     question = first_question(engine, "generated", DEMO_QUERIES)
     steps = list(respond(question, [], chat_page.new_session()))
     histories = [s[1] for s in steps]
-    assert histories[0][-1]["content"] == "…"  # the question shows at once, with a typing marker
-    partial = [h[-1]["content"] for h in histories[1:-1]]
+    assert histories[0][-1] == {"role": "user", "content": question}  # the question shows at once
+    assert histories[1][-1]["content"] == "…"  # then a typing marker
+    partial = [h[-1]["content"] for h in histories[2:-1]]
     assert partial and all(p.endswith("▍") for p in partial)  # checked sentences stream in
     final_history, session = steps[-1][1], steps[-1][2]
     assert final_history[0] == {"role": "user", "content": question}

@@ -234,9 +234,13 @@ def build_chat_page(
             wait = guards.chat_limiter.acquire(guards.client_of(request))
             if wait > 0:
                 raise gr.Error(f"You are sending messages too quickly. Please try again in {retry_after(wait)} s.")
-        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": TYPING}]
-        # No thumbs while an answer is being written: a rating belongs to a final answer.
+        # No thumbs while an answer is being written: a rating belongs to a final answer. They go
+        # first, with the question alone: Gradio may render a new message before it applies the
+        # props of the same update (a browser test saw thumbs flash on the "…" bubble).
+        history = [*history, {"role": "user", "content": message}]
         yield "", in_progress(history), session, *_hidden_feedback()
+        history = [*history, {"role": "assistant", "content": TYPING}]
+        yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
         streamed = ""
         try:
             events = engine.answer_stream(message, session.get("conversation_id"), client="web", owner=session["owner"])
@@ -256,6 +260,9 @@ def build_chat_page(
                     }
                     if answer.ticket_id is not None:  # a person takes over: offer a contact, poll for replies
                         session["ticket_id"] = answer.ticket_id
+                    # The final text first, the thumbs after: in one update Gradio may show the new
+                    # props on the old text (a browser test saw thumbs beside the typing cursor).
+                    yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
                     yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
         except SupportBotError as exc:
             history[-1] = {"role": "assistant", "content": html.escape(exc.message)}
