@@ -154,7 +154,7 @@ class Handoff:
     def queue(self, status: str | None = None, *, limit: int = 200) -> list[Ticket]:
         """The console's hand-off queue, newest first; erases expired contacts first."""
         self.erase_expired_contacts()
-        return self.tickets.list(status=status, limit=limit)
+        return self.tickets.find(status=status, limit=limit)
 
     def transcript(self, ticket_id: int, *, limit: int = 200) -> list[dict[str, Any]]:
         """The ticket's conversation with the operators' replies, in order of time."""

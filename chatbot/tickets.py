@@ -133,7 +133,7 @@ class Tickets:
         )
         return _ticket(row) if row else None
 
-    def list(self, *, status: str | None = None, limit: int = 200) -> list[Ticket]:
+    def find(self, *, status: str | None = None, limit: int = 200) -> list[Ticket]:
         """Newest first; ``status`` one of :data:`TICKET_STATUSES` or None for all."""
         if status is not None and status not in TICKET_STATUSES:
             raise SupportBotError(f"unknown ticket status {status!r}", fix=f"use one of {', '.join(TICKET_STATUSES)}")

@@ -321,3 +321,38 @@ def test_the_console_queue_opens_a_ticket_replies_and_closes_it(settings: Settin
     assert engine.handoff.tickets.get(ticket_id).status == "closed" and "closed" in out[-1]
     refused = page_fn(page, "reply_ticket")(ticket_id, "again", "All", Login())
     assert "closed" in refused[-1]
+
+
+# -- over HTTP --------------------------------------------------------------------------------------
+
+
+def test_api_clients_leave_a_contact_and_poll_the_teams_replies(settings: Settings, embedder) -> None:
+    from fastapi.testclient import TestClient
+
+    from ui.auth import Auth
+    from ui.server import create_app
+
+    engine, _ = engine_for(settings.replace(server={"rate_limit_per_minute": 0}), embedder)
+    auth = Auth(engine.settings, announce=lambda _text: None, iterations=1000)
+    app = create_app(engine.settings, engine, chat_ui=False, console_ui=False, auth=auth)
+    with TestClient(app) as client:
+        answer = client.post("/api/chat", json={"message": OUT_OF_SCOPE}).json()
+        assert answer["mode"] == "handoff"
+        mine = {"conversation_id": answer["conversation_id"], "conversation_token": answer["conversation_token"]}
+        bad = client.post("/api/handoff/contact", json={**mine, "contact": "call me"})
+        assert bad.status_code == 400 and bad.json()["fix"]
+        stranger = client.post(
+            "/api/handoff/contact", json={**mine, "conversation_token": "x" * 20, "contact": "a@b.co"}
+        )
+        assert stranger.status_code == 404
+        ok = client.post("/api/handoff/contact", json={**mine, "contact": "jane@example.com"}).json()
+        assert ok["contact_kind"] == "email"
+
+        assert client.post("/api/handoff/replies", json=mine).json()["replies"] == []
+        engine.handoff.reply(ok["ticket_id"], "Mars is out of our delivery area.", operator="lead")
+        polled = client.post("/api/handoff/replies", json=mine).json()
+        assert polled["status"] == "answered" and polled["replies"][0]["text"].startswith("Mars is out")
+        after = polled["replies"][0]["id"]
+        assert client.post("/api/handoff/replies", json={**mine, "after": after}).json()["replies"] == []
+    engine.store.close()
+    engine.kb.close()
