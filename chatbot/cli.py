@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -38,8 +39,21 @@ def emit(args: argparse.Namespace, payload: Any, text: str | Callable[[], str]) 
         print(text() if callable(text) else text)
 
 
-def progress_bar(enabled: bool = True) -> Callable[[str, int, int], None] | None:
-    """A tqdm bar on stderr per stage (``embedding``, ...), for long jobs."""
+def progress_bar(enabled: bool = True, *, json_lines: bool = False) -> Callable[[str, int, int], None] | None:
+    """A tqdm bar on stderr per stage (``embedding``, ...), for long jobs; with ``json_lines`` (a
+    ``--json`` command whose stderr is not a terminal) one ``{"progress", "done", "total"}`` line on
+    stderr every 2 s and at the end of a stage, so a script sees that a long job is moving."""
+    if json_lines:
+        last: dict[str, float] = {}
+
+        def line(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last.get(stage, 0.0) < 2.0:
+                return
+            last[stage] = now
+            print(json.dumps({"progress": stage, "done": done, "total": total}), file=sys.stderr, flush=True)
+
+        return line
     if not enabled:
         return None
     from tqdm import tqdm

@@ -62,9 +62,19 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     p = sub.add_parser("stats", parents=parents, help="counts, categories, index size")
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("held", parents=parents, help="entries held for review (never served until approved)")
+    p.set_defaults(func=cmd_held)
+
+    p = sub.add_parser("approve", parents=parents, help="serve held entries (after reading them)")
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(func=cmd_approve)
+
 
 def _kb(args: argparse.Namespace, settings: Settings) -> Any:
-    return open_knowledge_base(settings, progress=progress_bar(sys.stderr.isatty() or not args.json))
+    json_lines = bool(args.json) and not sys.stderr.isatty()
+    return open_knowledge_base(
+        settings, progress=progress_bar(sys.stderr.isatty() or not args.json, json_lines=json_lines)
+    )
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,6 +92,9 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
             f"{report.total} entries in total ({seconds:.1f} s)"
         ]
         lines += [f"skipped {p}" for p in report.skipped]
+        lines += [
+            f"held for review {i}: {r} (read it, then: supportbot kb approve {i})" for i, r in report.held.items()
+        ]
         return "\n".join(lines)
 
     emit(args, report.to_dict(), text)
@@ -197,6 +210,30 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
         f"rebuilt: {result['entries']} entries, {result['vectors']} vectors ({result['embedded']} embedded anew) in {result_s:.1f} s",
     )
     return 0
+
+
+def cmd_held(args: argparse.Namespace, settings: Settings) -> int:
+    kb = _kb(args, settings)
+    held = kb.held()
+    entries = {e.id: e for e in kb.store.get_many(list(held))}
+
+    def text() -> str:
+        rows = [f"{i}\t{r}\n    Q: {entries[i].question}\n    A: {entries[i].answer[:300]}" for i, r in held.items()]
+        return "\n".join(rows) or "(no entry is held for review)"
+
+    emit(args, {"held": [{"id": i, "reason": r, **entries[i].to_dict()} for i, r in held.items()]}, text)
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace, settings: Settings) -> int:
+    approved = _kb(args, settings).approve(args.ids)
+    missing = [i for i in args.ids if i not in approved]
+    emit(
+        args,
+        {"approved": approved, "not_held": missing},
+        lambda: f"approved {len(approved)}" + (f"; not held: {', '.join(missing)}" if missing else ""),
+    )
+    return 0 if not missing else 1
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:

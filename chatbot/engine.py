@@ -6,11 +6,13 @@ framework; the CLI, the Gradio pages and the HTTP API all call :meth:`ChatEngine
 
 Concurrency: one engine (and one model) serves every thread. ``faq``, ``clarify`` and ``handoff``
 answers never touch the generator, so they never wait behind a generation; generations take one
-of ``server.generation_concurrency`` slots and queue for the rest.
+of ``server.generation_concurrency`` slots and queue for the rest (a batching generator, see
+``chatbot.batching``, has those slots as batch rows and queues in FIFO order itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -316,8 +318,9 @@ class ChatEngine:
         history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns + 1)[:-1]
         turns = [(m.role, m.text) for m in history if m.mode in (None, "faq", "generated")]
         messages = build_messages(question, [h.entry for h in hits], turns, system=self._system_prompt)
-        with self._slots:
-            generator = self.generator
+        generator = self.generator
+        # A batching generator queues (FIFO) and batches itself; the others take one of our slots.
+        with contextlib.nullcontext() if generator.batches else self._slots:
             yield from generator.stream(messages)
 
     def _check_generated(
@@ -400,8 +403,9 @@ class ChatEngine:
         if not hits:
             return ""
         try:
-            with self._slots:
-                draft = self.generator.generate(build_messages(question, [h.entry for h in hits[:3]]))
+            generator = self.generator
+            with contextlib.nullcontext() if generator.batches else self._slots:
+                draft = generator.generate(build_messages(question, [h.entry for h in hits[:3]]))
         except SupportBotError:
             draft = ""
         return draft.strip() if draft.strip() and not is_refusal(draft) else hits[0].entry.answer

@@ -9,10 +9,12 @@ counting, adapters) has a default built on it. Two backends:
 - :class:`OpenAIGenerator` streams from any OpenAI-compatible server (vLLM, llama.cpp, TGI...) over
   server-sent events: generation scales out there, not here.
 
-Concurrency: a local model runs one generation at a time (HF models are not safe for concurrent
-``generate`` calls); other callers wait for the lock. An abandoned stream (the consumer stops
-iterating and the generator is closed or garbage collected) stops its generation thread at the
-next token.
+Concurrency: with ``model.batching`` on (the default on CUDA) a :class:`~chatbot.batching.BatchScheduler`
+serves up to ``server.generation_concurrency`` conversations in one batch: they share every decode
+step (compiled with CUDA graphs on a GPU), join and leave between steps, and the rest queue in FIFO
+order. Without it (the CPU default) one generation runs at a time (HF models are not safe for
+concurrent ``generate`` calls); other callers wait for the lock. Either way an abandoned stream (the
+consumer stops iterating and the generator is closed or garbage collected) stops at the next token.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from chatbot.models import LoadedModel, chat_token_ids, load_model
 from chatbot.prompts import load_prompt
 from chatbot.settings import ModelSettings
 from knowledge_base.errors import NotFoundError, SupportBotError
 
 if TYPE_CHECKING:
+    import httpx
     import torch
+
+    from chatbot.batching import BatchScheduler
 
 __all__ = ["Generator", "LocalGenerator", "OpenAIGenerator", "make_generator"]
 
@@ -53,6 +56,8 @@ class Generator(ABC):
     name: str = "generator"
     #: The active adapter's version (or folder name); None when the plain model answers.
     adapter: str | None = None
+    #: True when the backend queues and batches concurrent streams itself (callers need no semaphore).
+    batches: bool = False
 
     @abstractmethod
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None) -> Iterator[str]:
@@ -149,7 +154,9 @@ class LocalGenerator(Generator):
     attached later: the adapter is merged into a copy of the base and that merged model is quantized.
     """
 
-    def __init__(self, settings: ModelSettings, data_dir: Path, *, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, settings: ModelSettings, data_dir: Path, *, loaded: LoadedModel | None = None, slots: int = 1
+    ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir)
         base = loaded if loaded is not None else load_model(settings, self.data_dir)
@@ -170,6 +177,41 @@ class LocalGenerator(Generator):
         self._separator = _context_separator()
         self.loaded = base
         self._serve(self._base)
+        self._batch: BatchScheduler | None = None
+        self._originals: list[tuple[Any, Any]] = []  # (weight, pristine copy) while an adapter is merged
+        use_batching = settings.batching == "on" or (settings.batching == "auto" and base.device.type == "cuda")
+        if use_batching and self._int8:
+            log.info("model.batching ignored: int8 models decode one at a time")
+        elif use_batching:
+            try:
+                self._batch = self._start_batching(max(1, slots))
+                self.batches = True
+            except ValueError as exc:
+                log.warning("model.batching off for %s: %s; one generation at a time", self.name, exc)
+
+    def _start_batching(self, slots: int) -> BatchScheduler:
+        from chatbot.batching import BatchScheduler
+
+        kwargs = self._generate_kwargs(1)
+        window = self.settings.context_window
+        sampling = self.settings.temperature > 0
+        return BatchScheduler(
+            self._base,
+            slots=slots,
+            # Room after the longest conversation, so moving rows back to the start stays rare.
+            max_len=window + max(64, window // 4),
+            eos_ids=kwargs["eos_token_id"] or [],
+            temperature=self.settings.temperature if sampling else 0.0,
+            top_p=self.settings.top_p if sampling else 1.0,
+            repetition_penalty=self.settings.repetition_penalty,
+            compile=self.settings.compile == "auto",
+            name=self.name,
+        )
+
+    @property
+    def scheduler(self) -> BatchScheduler | None:
+        """The batch scheduler when batching is on (its ``stats()``, ``ready``), else None."""
+        return self._batch
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -182,6 +224,9 @@ class LocalGenerator(Generator):
         self.loaded = dataclasses.replace(self._base_loaded, model=model)
 
     def _detach_adapter(self) -> None:
+        for weight, pristine in self._originals:
+            weight.data.copy_(pristine)
+        self._originals = []
         if self._peft is not None:
             # unload() takes the LoRA layers out again, leaving the base exactly as it was.
             self._base = self._peft.unload()
@@ -194,6 +239,21 @@ class LocalGenerator(Generator):
             return
         from peft import PeftModel
 
+        if self._batch is not None:
+            # Merged into the base weights in place: the batch's (compiled) step keeps its module and
+            # buffers, so no recompile; the touched weights are kept on the CPU to restore them.
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            try:
+                peft = PeftModel.from_pretrained(self._base, str(path))
+                for module in peft.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        weight: Any = module.get_base_layer().weight
+                        self._originals.append((weight, weight.detach().to("cpu", copy=True)))
+                peft.merge_and_unload()
+            finally:
+                _strip_tuner_layers(self._base)
+            return
         if self._int8:
             # Quantized layers cannot carry LoRA: merge into a copy of the base, then quantize that.
             merged = PeftModel.from_pretrained(copy.deepcopy(self._base), str(path)).merge_and_unload()
@@ -323,6 +383,9 @@ class LocalGenerator(Generator):
 
         wanted = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
         ids, budget = self._fit(messages, max(1, wanted))
+        if self._batch is not None:
+            yield from self._stream_batched(ids, budget)
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         failures: list[BaseException] = []
@@ -374,11 +437,49 @@ class LocalGenerator(Generator):
                 "model.max_new_tokens or model.context_window",
             ) from exc
 
+    def _stream_batched(self, ids: list[int], budget: int) -> Iterator[str]:
+        """Stream one request through the batch scheduler; text is decoded here, off its loop."""
+        assert self._batch is not None
+        request = self._batch.submit(ids, budget)
+        tokens: list[int] = []
+        sent = ""
+        try:
+            while (token := request.next_token()) is not None:
+                tokens.append(token)
+                text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+                # Hold back a split multi-byte character until its last byte arrives.
+                if text.endswith("\ufffd") or not text.startswith(sent):
+                    continue
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+            text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent) :]
+        except SupportBotError:
+            raise
+        except Exception as exc:
+            raise SupportBotError(
+                f"generation failed in model {self.name!r}: {type(exc).__name__}: {exc}",
+                fix="see the log for the traceback; on a GPU, out-of-memory errors mean a smaller "
+                "server.generation_concurrency, model.max_new_tokens or model.context_window",
+            ) from exc
+        finally:
+            request.cancel()
+        if request.waited_s > 1.0:
+            log.info("generation waited %.1f s for a batch slot", request.waited_s)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+
     def set_adapter(self, path: Path | None, version: str | None = None) -> None:
         """Serve with the peft LoRA adapter in ``path`` (None: the base model), without a restart.
 
-        Waits for the running generation to finish. On failure the previous adapter stays active
-        (or, if that cannot be restored either, the base model) and a SupportBotError is raised.
+        Waits for the running generation to finish (with batching: for the running batch to drain;
+        queued requests then start with the new adapter, none is dropped). On failure the previous
+        adapter stays active (or, if that cannot be restored either, the base model) and a
+        SupportBotError is raised.
         """
         if path is not None:
             path = Path(path)
@@ -387,6 +488,13 @@ class LocalGenerator(Generator):
                     f"no LoRA adapter in {path} (adapter_config.json is missing)",
                     fix="give a folder written by `supportbot finetune` or peft's save_pretrained",
                 )
+        if self._batch is not None:
+            self._batch.between_batches(lambda: self._apply_adapter(path, version))
+        else:
+            self._apply_adapter(path, version)
+        log.info("model %s now serves adapter %s", self.name, self.adapter or "none")
+
+    def _apply_adapter(self, path: Path | None, version: str | None) -> None:
         with self._lock:
             previous, previous_name = self._adapter_path, self.adapter
             try:
@@ -406,7 +514,6 @@ class LocalGenerator(Generator):
                 ) from exc
             self._adapter_path = path
             self.adapter = None if path is None else (version or path.name)
-        log.info("model %s now serves adapter %s", self.name, self.adapter or "none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +549,8 @@ class OpenAIGenerator(Generator):
         self.name = settings.openai_model or "openai"
         self.adapter = None
         self.url = settings.openai_base_url.rstrip("/") + "/chat/completions"
+        import httpx  # here, not at import: the local backend (and a bare GPU box) needs no HTTP client
+
         self._own_client = client is None
         self._client = client if client is not None else httpx.Client(timeout=settings.request_timeout_s)
 
@@ -463,6 +572,8 @@ class OpenAIGenerator(Generator):
         return payload
 
     def stream(self, messages: Messages, *, max_new_tokens: int | None = None) -> Iterator[str]:
+        import httpx
+
         headers = {"Accept": "text/event-stream"}
         if self.settings.openai_api_key:
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key}"
@@ -534,8 +645,9 @@ class OpenAIGenerator(Generator):
         return content if isinstance(content, str) else ""
 
 
-def make_generator(settings: ModelSettings, data_dir: Path) -> Generator:
-    """The generator the settings ask for: an OpenAI-compatible server or the local model."""
+def make_generator(settings: ModelSettings, data_dir: Path, *, slots: int = 1) -> Generator:
+    """The generator the settings ask for: an OpenAI-compatible server or the local model
+    (``slots``: conversations decoded in one batch when batching is on)."""
     if settings.backend == "openai":
         return OpenAIGenerator(settings)
-    return LocalGenerator(settings, data_dir)
+    return LocalGenerator(settings, data_dir, slots=slots)

@@ -33,6 +33,7 @@ from chatbot.store import ConversationStore, StoredMessage
 from knowledge_base.atomic import atomic_path
 from knowledge_base.errors import NotFoundError, SupportBotError
 from knowledge_base.examples import LabelledExample, learned_key, read_examples_file
+from knowledge_base.export import spreadsheet_safe
 from knowledge_base.kb import KnowledgeBase
 
 __all__ = [
@@ -60,7 +61,6 @@ EXAMPLE_CSV_COLUMNS = (
     "conversation_id",
     "message_id",
 )
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def learn(
@@ -237,11 +237,10 @@ def _write_examples(kb: KnowledgeBase, fh: IO[str], excel_safe: bool) -> int:
     writer.writerow(EXAMPLE_CSV_COLUMNS)
     examples = kb.examples()[::-1]
     for e in examples:
-        query = "'" + e.query if excel_safe and e.query.startswith(_FORMULA_START) else e.query
         stamp = dt.datetime.fromtimestamp(e.created_at, dt.timezone.utc).isoformat(timespec="seconds")
-        writer.writerow(
-            [e.id, stamp, e.source, int(e.positive), e.entry_id, query, e.conversation_id or "", e.message_id or ""]
-        )
+        row = [e.id, stamp, e.source, int(e.positive), e.entry_id, e.query, e.conversation_id or "", e.message_id or ""]
+        # every text cell: an entry id from an uploaded file can start with "=" as well as a query
+        writer.writerow([spreadsheet_safe(c) if excel_safe and isinstance(c, str) else c for c in row])
     return len(examples)
 
 

@@ -5,8 +5,11 @@ load GGUF, but it dequantizes every tensor on each load (~30 s, 1.2 GB RSS), so 
 converts it once into a float32 safetensors folder under ``<data_dir>/models/`` (~2 s per load after
 that). Any other model is a hub id or a local folder.
 
-Device and dtype: CUDA with bfloat16 when a GPU is there, else CPU with float32 (bfloat16 matmuls
-are ~90x slower on CPUs without native bf16; measured on the project's CI machine).
+Device and dtype: CUDA when a GPU is there, in bfloat16 where the GPU supports it
+(``torch.cuda.is_bf16_supported()``: Ampere and newer) and float16 on older GPUs (fine-tuning then
+scales its loss, see finetune/train.py); else CPU with float32 (bfloat16 matmuls are ~90x slower on
+CPUs without native bf16; measured on the project's CI machine). On a GPU the weights are loaded
+straight onto it (``device_map``), never staged in host memory first.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     import torch
 
     if preference == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[preference]
 
 
@@ -150,7 +155,10 @@ def load_model(settings: ModelSettings, data_dir: Path, *, for_training: bool = 
     path = resolve_model_path(settings, data_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # On a GPU, straight onto it: a CPU copy first costs host memory and a second transfer.
+        # device_map="cuda" means this process's GPU (LOCAL_RANK under torchrun) to transformers.
+        placement = {"device_map": _device_map(device)} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {path!r}: {exc}",
@@ -158,11 +166,20 @@ def load_model(settings: ModelSettings, data_dir: Path, *, for_training: bool = 
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)  # type: ignore[arg-type]
+    if device.type != "cuda":
+        model.to(device)  # type: ignore[arg-type]
     if not for_training:
         model.eval()
     name = settings.model if settings.model != DEFAULT_MODEL else DEFAULT_MODEL
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, name=name)
+
+
+def _device_map(device: torch.device) -> torch.device:
+    """The one device to load onto: ``cuda`` without an index is the current GPU (the one
+    ``init_distributed`` selected for this process)."""
+    import torch
+
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:

@@ -78,5 +78,7 @@ def build_engine(
         kb or open_knowledge_base(settings, embedder=embedder, background=background),
         open_conversation_store(settings),
         generator=generator,
-        generator_factory=lambda: make_generator(settings.model, settings.data_dir),
+        generator_factory=lambda: make_generator(
+            settings.model, settings.data_dir, slots=settings.server.generation_concurrency
+        ),
     )

@@ -68,6 +68,11 @@ class ModelSettings:
     """"int8": dynamic int8 quantization of Linear layers on CPU (faster decode; see benchmarks/chat.py)."""
     threads: int = 0
     """Older name of ``runtime.threads`` (when above 0 it wins); 0 leaves it to ``runtime.threads``."""
+    batching: Literal["auto", "on", "off"] = "auto"
+    """Continuous batching of concurrent generations (server.generation_concurrency slots share each
+    decode step); "auto": on for CUDA, off on CPU (one generation at a time)."""
+    compile: Literal["auto", "off"] = "auto"
+    """With batching on CUDA: capture the decode step (torch.compile, CUDA graphs) at start; "off": eager."""
     max_new_tokens: int = 160
     temperature: float = 0.0
     """0 means greedy decoding (reproducible answers); > 0 samples."""
@@ -181,7 +186,8 @@ class ServerSettings:
     from anyone else the header is ignored, so a client cannot choose its own bucket. Their
     X-Forwarded-Proto (https: Secure cookies) and X-Forwarded-Host are believed too."""
     generation_concurrency: int = 1
-    """Generations running at once; further ones queue. FAQ answers never wait for them."""
+    """Generations running at once (with model.batching: the batch slots); further ones queue in
+    FIFO order. FAQ answers never wait for them."""
 
     def problems(self) -> list[Problem]:
         out = []

@@ -56,6 +56,7 @@ from typing import IO, Any
 from chatbot.redact import redact
 from knowledge_base.atomic import atomic_path
 from knowledge_base.errors import NotFoundError, SupportBotError
+from knowledge_base.export import spreadsheet_safe
 from knowledge_base.private import private_file
 
 __all__ = [
@@ -195,8 +196,6 @@ CSV_COLUMNS = (
     "feedback_comment",
     "corrected_answer",
 )
-_FREE_TEXT_COLUMNS = ("text", "question", "feedback_comment", "corrected_answer")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 # The user question an assistant message answered, when it was stored without `question`: the
 # customer message right before it in the same conversation.
@@ -426,7 +425,9 @@ class ConversationStore:
         return self._redact(text)
 
     def _assistant_message(self, conn: sqlite3.Connection, message_id: int, action: str) -> None:
-        row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
+        # SQLite integers are 64-bit: a larger id would raise OverflowError, not "not found".
+        in_range = isinstance(message_id, int) and 0 < message_id < 2**63
+        row = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone() if in_range else None
         if row is None:
             raise NotFoundError(
                 f"no message with id {message_id}",
@@ -879,9 +880,9 @@ class ConversationStore:
         the number of rows written, header excluded.
 
         Given a path, the file is replaced atomically (never half-written); given an open text file,
-        rows are written to it. ``excel_safe`` prefixes free-text cells that start like a spreadsheet
-        formula (``=``, ``+``, ``-``, ``@``) with ``'``: customers type those cells, and a formula in
-        a log opened in Excel is a known attack (CSV injection).
+        rows are written to it. ``excel_safe`` prefixes every text cell that starts like a spreadsheet
+        formula (``=``, ``+``, ``-``, ``@``, tab, CR) with ``'`` (:func:`spreadsheet_safe`): customers
+        type those cells, and a formula in a log opened in Excel is a known attack (CSV injection).
         """
         if isinstance(path_or_file, (str, Path)):
             with atomic_path(Path(path_or_file)) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
@@ -904,10 +905,7 @@ class ConversationStore:
             for row in cursor:
                 record = dict(row)
                 if excel_safe:
-                    for key in _FREE_TEXT_COLUMNS:
-                        value = record[key]
-                        if value and value.startswith(_FORMULA_START):
-                            record[key] = "'" + value
+                    record = {k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in record.items()}
                 writer.writerow(["" if record[k] is None else record[k] for k in CSV_COLUMNS])
                 written += 1
         return written

@@ -12,12 +12,19 @@ small on a CPU, measured in ``benchmarks/finetune.py``:
 - **the shared prefix once per micro-batch**: every example starts with the same system prompt, so
   it runs once and its keys/values serve every row through the KV cache (gradients flow through
   it); a one-time check per run compares loss and gradients with the model's own forward and falls
-  back to a slower mode if they differ;
+  back to a slower mode if they differ (see :mod:`finetune.loss`);
 - micro-batches with gradient accumulation (``micro_batch_size`` × ``grad_accum_steps`` examples a
   step; the loss is the mean over all answer tokens of the step), AdamW, linear warmup then cosine
   decay (fitted to the steps a time limit allows), gradient clipping at 1.0;
-- bf16 autocast on CUDA, float32 on CPU (bf16 is far slower on CPUs without native support);
-  optional gradient checkpointing; a seed for the data order, LoRA init and dropout.
+- precision follows the loaded base (`chatbot.models.resolve_dtype`): float32 on a CPU (bf16 is far
+  slower on CPUs without native support), bf16 autocast on GPUs that support it, else fp16 autocast
+  with a loss scaler (``torch.amp.GradScaler``); optional gradient checkpointing; a seed for the data
+  order, LoRA init and dropout.
+
+On a GPU, besides: the agreeing fast loss modes are timed on a real micro-batch and the faster one
+is used (small models there are bound by kernel launches, not FLOPs); the host never waits for the
+device inside a step (batches come from pinned memory, answer positions as index tensors, the loss
+is summed on the device and read once per optimizer step); AdamW runs fused.
 
 Checkpoints (every ``checkpoint_every`` steps and on Ctrl-C) hold the adapter in peft format, the
 optimizer, scheduler and RNG states, the step and the data position, written to a temporary folder
@@ -27,10 +34,9 @@ micro-batch and reaches the same loss as an uninterrupted one. Ctrl-C (``Keyboar
 when raised by ``on_progress``) saves a checkpoint of the last finished step and raises
 :class:`TrainingInterrupted`.
 
-Several GPUs: use the stock launchers rather than anything home-made. The loop is plain PyTorch, so
-a data-parallel run is ``accelerate launch`` or ``torchrun --nproc_per_node=N`` over a script that
-wraps the model with ``accelerate.Accelerator().prepare(model, optimizer)`` (see
-docs/finetuning.md). On one GPU or CPU, ``supportbot finetune`` is all you need.
+Several GPUs: the stock launchers (``torchrun --nproc_per_node=N`` or ``accelerate launch``) start one
+process per GPU; :func:`init_distributed` joins their process group, each process runs its share of
+a step's micro-batches and the LoRA gradients are summed across processes (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -48,14 +54,16 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from chatbot.settings import FinetuneSettings, Settings
 from finetune.data import TokenizedExample
 from finetune.lora import replace_dir
+from finetune.loss import Batch, answer_loss, autocast, choose_loss_mode, collate, compute_dtype
 from knowledge_base.atomic import atomic_write_text
 from knowledge_base.errors import SupportBotError
 
@@ -81,12 +89,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-LossMode = Literal["full", "sliced", "shared-prefix"]
 MAX_GRAD_NORM = 1.0
-#: Rows of the output head computed at once; more answer positions than this use chunked cross-entropy.
-CE_CHUNK_ROWS = 1024
-#: Shorter common prefixes are not worth a separate forward pass.
-MIN_SHARED_PREFIX = 16
 BUCKET_BATCHES = 50
 KEEP_CHECKPOINTS = 2
 RUNS_DIRNAME = "finetune"
@@ -114,19 +117,6 @@ class TrainingInterrupted(SupportBotError):
 # Batches
 
 
-@dataclass
-class Batch:
-    """One padded micro-batch; ``labels`` are -100 outside the answers (masked by position)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    n_tokens: int
-    """Real (non-padding) tokens."""
-    n_targets: int
-    """Answer tokens the loss is computed on (incl. the end-of-turn token)."""
-
-
 def length_grouped_batches(
     lengths: Sequence[int], micro_batch_size: int, seed: int, *, bucket_batches: int = BUCKET_BATCHES
 ) -> list[list[int]]:
@@ -145,182 +135,6 @@ def length_grouped_batches(
         batches += [chunk[j : j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Right-pad to the longest example of the batch (not to max_length)."""
-    import torch
-
-    width = max(len(ex) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex)
-        ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        mask[row, :n] = 1
-        labels[row, ex.prompt_len : n] = ids[row, ex.prompt_len : n]
-    return Batch(
-        ids.to(device),
-        mask.to(device),
-        labels.to(device),
-        n_tokens=sum(len(ex) for ex in examples),
-        n_targets=sum(ex.n_answer_tokens for ex in examples),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Loss
-
-
-def _causal_lm(model: Any) -> Any:
-    """The transformers model inside a PeftModel (LoRA layers are injected into it in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder, output head) when logits are exactly ``head(decoder(...).last_hidden_state)``.
-
-    True for the usual ``*ForCausalLM`` classes; models that scale or soft-cap their logits
-    (Gemma 2, Cohere, Granite) take the plain forward instead.
-    """
-    base = _causal_lm(model)
-    config = getattr(base, "config", None)
-    if not type(base).__name__.endswith("ForCausalLM") or config is None:
-        return None
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return None
-    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    head = base.get_output_embeddings()
-    if decoder is None or decoder is base or head is None:
-        return None
-    return decoder, head
-
-
-def _shared_prefix(batch: Batch) -> int:
-    """Length of the token prefix every row of the batch starts with, inside every row's prompt.
-
-    Chat examples all start with the same system prompt (~75 SmolLM2 tokens): computing it once per
-    micro-batch instead of once per example saves that much of every example's forward and backward.
-    """
-    if batch.input_ids.shape[0] < 2:
-        return 0
-    has_target = batch.labels != -100
-    if not bool(has_target.any(dim=1).all()):
-        return 0
-    # The hidden state at position prompt_len - 1 predicts the first answer token: keep it outside.
-    limit = int(has_target.int().argmax(dim=1).min()) - 1
-    if limit < MIN_SHARED_PREFIX:
-        return 0
-    ids = batch.input_ids[:, :limit]
-    same = (ids == ids[:1]).all(dim=0)
-    prefix = int(same.int().cumprod(dim=0).sum())
-    return prefix if prefix >= MIN_SHARED_PREFIX else 0
-
-
-def _checkpointing(decoder: Any) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in decoder.modules())
-
-
-def answer_loss(model: Any, batch: Batch, *, mode: LossMode = "sliced") -> torch.Tensor:
-    """Summed cross-entropy over the answer tokens of a right-padded ``batch`` (see :func:`collate`);
-    divide by ``batch.n_targets`` for the mean.
-
-    ``mode``:
-
-    - ``"full"``: the model's own forward, logits over the whole vocabulary at every position;
-    - ``"sliced"``: run the decoder, keep the hidden states of the positions that predict an answer
-      token and apply the output head to those only (in chunks, recomputed in the backward pass,
-      when there are many), so float32 logits over the vocabulary exist for the answers alone;
-    - ``"shared-prefix"``: as ``"sliced"``, and the prefix all rows share (the system prompt) runs
-      once for the batch, its keys and values reused by every row through the KV cache, gradients
-      included (not with gradient checkpointing, which turns the cache off).
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    target_ids = targets[keep]
-    parts = _decoder_and_head(model) if mode != "full" else None
-    if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1][keep].float(), target_ids, reduction="sum")
-    decoder, head = parts
-    prefix = _shared_prefix(batch) if mode == "shared-prefix" and not _checkpointing(decoder) else 0
-    # Rows are right-padded, so the causal mask alone is exact for every real token (padding only
-    # follows them); without a padding mask SDPA can take its fused causal kernel.
-    if prefix:
-        cache = decoder(input_ids=batch.input_ids[:1, :prefix], use_cache=True).past_key_values
-        cache.batch_repeat_interleave(batch.input_ids.shape[0])
-        out = decoder(input_ids=batch.input_ids[:, prefix:], past_key_values=cache, use_cache=True)
-    else:
-        out = decoder(input_ids=batch.input_ids, use_cache=False)
-    # out covers positions prefix..T-1; position t predicts token t+1 (keep's column t).
-    selected = out.last_hidden_state[:, :-1][keep[:, prefix:]]
-
-    def chunk_loss(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(rows).float(), ids, reduction="sum")
-
-    if selected.shape[0] <= CE_CHUNK_ROWS:
-        return chunk_loss(selected, target_ids)
-    total = selected.new_zeros((), dtype=torch.float32)
-    for rows, ids in zip(selected.split(CE_CHUNK_ROWS), target_ids.split(CE_CHUNK_ROWS), strict=True):
-        total = total + checkpoint(chunk_loss, rows, ids, use_reentrant=False)
-    return total
-
-
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
-    import torch
-
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        # The base runs in bf16, peft keeps the LoRA weights in float32: autocast mixes them.
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def choose_loss_mode(model: Any, batch: Batch) -> LossMode:
-    """The fastest loss mode that gives this model the same loss *and gradients* as its own forward.
-
-    Checked once per run on a small batch (dropout off): a model whose logits are not a plain head
-    over the decoder, or whose cache does not carry gradients, falls back to a slower mode.
-    """
-    import torch
-
-    if _decoder_and_head(model) is None:
-        return "full"
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-
-    def run(mode: LossMode) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        with _autocast(
-            params[0].device, next((p.dtype for p in model.parameters() if not p.requires_grad), params[0].dtype)
-        ):
-            loss = answer_loss(model, batch, mode=mode)
-        loss.backward()
-        return loss.detach().float(), [
-            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
-        ]
-
-    try:
-        ref_loss, ref_grads = run("full")
-        for mode in ("shared-prefix", "sliced"):
-            loss, grads = run(mode)
-            scale = max(float(max(g.abs().max() for g in ref_grads)), 1e-12)
-            same_grads = all(
-                torch.allclose(g, r, rtol=1e-3, atol=1e-4 * scale) for g, r in zip(grads, ref_grads, strict=True)
-            )
-            if torch.isfinite(loss) and torch.allclose(loss, ref_loss, rtol=1e-3) and same_grads:
-                return mode  # type: ignore[return-value]
-            log.warning("loss mode %s disagrees with the model's forward here; trying a slower one", mode)
-        return "full"
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +193,7 @@ def _save_checkpoint(
     state: TrainState,
     rng: dict[str, Any],
     guard: dict[str, Any],
+    scaler: Any = None,
 ) -> Path:
     import torch
 
@@ -395,6 +210,7 @@ def _save_checkpoint(
                 "rng": rng,
                 "state": dataclasses.asdict(state),
                 "guard": guard,
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             tmp / "trainer_state.pt",
         )
@@ -414,7 +230,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, model: Any, optimizer: Any, scheduler: Any, guard: dict[str, Any]
+    path: Path, model: Any, optimizer: Any, scheduler: Any, guard: dict[str, Any], scaler: Any = None
 ) -> tuple[TrainState, dict[str, Any]]:
     import torch
     from peft import set_peft_model_state_dict
@@ -433,11 +249,13 @@ def _load_checkpoint(
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
+    if scaler is not None and "scaler" in data:
+        scaler.load_state_dict(data["scaler"])
     state = TrainState(**data["state"])
     return state, data["rng"]
 
 
-def _all_reduce_step(params: list[Any], loss: float, tokens: int, device: Any) -> tuple[float, int]:
+def _all_reduce_step(params: list[Any], loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
     """Sum the LoRA gradients, the step loss and the token count over the process group."""
     import torch
     import torch.distributed as dist
@@ -446,9 +264,9 @@ def _all_reduce_step(params: list[Any], loss: float, tokens: int, device: Any) -
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
-    totals = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
+    totals = torch.stack([loss.double(), loss.new_tensor(float(tokens), dtype=torch.float64)])
     dist.all_reduce(totals)
-    return float(totals[0]), int(totals[1])
+    return totals[0], int(totals[1])
 
 
 @contextlib.contextmanager
@@ -611,7 +429,7 @@ def fit(
     if not params:
         raise TrainingError("the model has no trainable parameters", fix="wrap it with finetune.lora.apply_lora first")
     device = params[0].device
-    compute_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), params[0].dtype)
+    dtype = compute_dtype(model)
     # Data parallel (torchrun / accelerate launch): every process runs `accum` of the step's
     # accum x world micro-batches; the LoRA gradients (a few MB) are summed across processes.
     world, rank = _world()
@@ -622,9 +440,17 @@ def fit(
     lengths = [len(ex) for ex in train]
     per_epoch = math.ceil(len(train) / mbs)
     total_steps = total_steps_for(len(train), settings, max_steps, world_size=world)
+    # Fused on CUDA: one kernel updates every LoRA tensor (~200 of them) instead of a launch per op.
+    on_cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        params, lr=settings.learning_rate, weight_decay=settings.weight_decay, foreach=device.type == "cuda"
+        params,
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else False,
     )
+    # float16 gradients of the activations underflow without loss scaling (bf16 has float32's range).
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = WarmupCosine(total_steps, settings.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     guard = {
@@ -648,7 +474,7 @@ def fit(
                 f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}",
                 fix="start the run without --resume",
             )
-        state, rng = _load_checkpoint(found, model, optimizer, scheduler, guard)
+        state, rng = _load_checkpoint(found, model, optimizer, scheduler, guard, scaler)
         _set_rng_state(rng)
         resumed_from, checkpoint_path = state.step, found
         log.info("resuming %s at step %d (micro-batch %d)", run_dir.name, state.step, state.micro)
@@ -664,7 +490,10 @@ def fit(
             plans[epoch] = length_grouped_batches(lengths, mbs, settings.seed * 1000 + epoch)
         return plans[epoch][index % per_epoch]
 
-    loss_mode = choose_loss_mode(model, collate([train[i] for i in micro_batch(state.micro)][:2], pad_id, device))
+    first = [train[i] for i in micro_batch(state.micro)]
+    loss_mode = choose_loss_mode(
+        model, collate(first[:2], pad_id, device), timing_batch=collate(first, pad_id, device) if on_cuda else None
+    )
     model.train()
     bar = tqdm(
         total=total_steps,
@@ -686,7 +515,7 @@ def fit(
         folder = run_dir / "checkpoints" / f"step-{state.step:06d}"
         if main:  # one writer; the others resume from the same (shared) folder
             snapshot = dataclasses.replace(state, elapsed_s=state.elapsed_s + session_seconds())
-            folder = _save_checkpoint(run_dir, model, optimizer, scheduler, snapshot, resume_rng, guard)
+            folder = _save_checkpoint(run_dir, model, optimizer, scheduler, snapshot, resume_rng, guard, scaler)
         return folder
 
     try:
@@ -694,24 +523,39 @@ def fit(
             indices = [micro_batch(state.micro + i) for i in range(per_step)]
             # The mean over every answer token of the step, whichever process computes it.
             step_targets = sum(train[i].n_answer_tokens for mb in indices for i in mb)
-            step_loss = 0.0
+            # Summed on the device and read once, after the update: a read per micro-batch would make
+            # the host wait for the GPU to drain before it could queue the next micro-batch.
+            step_loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             step_tokens = 0
             for mb in indices[rank::world]:
                 batch = collate([train[i] for i in mb], pad_id, device)
-                with _autocast(device, compute_dtype):
+                with autocast(device, dtype):
                     loss = answer_loss(model, batch, mode=loss_mode) / step_targets
-                loss.backward()
-                step_loss += loss.detach().item()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss_sum += loss.detach().float()
                 step_tokens += batch.n_tokens
             if world > 1:
-                step_loss, step_tokens = _all_reduce_step(params, step_loss, step_tokens, device)
+                step_loss_sum, step_tokens = _all_reduce_step(params, step_loss_sum, step_tokens)
             with _sigint_deferred():
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step_loss = float(step_loss_sum)  # the one wait for the device in a step
                 if time_limit_s is not None:  # before scheduler.step(), which sets the next step's rate
                     done, so_far = state.step + 1, session_seconds()
                     schedule.fit_to(done, time_limit_s - state.elapsed_s - so_far, so_far / (done - resumed_from))
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # A step the scaler skipped (overflow; the first few while it finds its scale)
+                    # still counts, so the schedule advances: torch warns about exactly that.
+                    warnings.filterwarnings(
+                        "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                    )
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.micro += per_step

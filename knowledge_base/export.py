@@ -2,7 +2,9 @@
 
 Tables (CSV, TSV, XLSX) have the columns ``id, category, question, alt_questions, answer, tags,
 enabled``; JSON and JSONL records have the same keys, with lists for ``alt_questions`` and ``tags``.
-CSV and TSV are written as UTF-8 with a BOM, which Excel needs to show accents. Markdown groups
+CSV and TSV are written as UTF-8 with a BOM, which Excel needs to show accents, and every cell that
+a spreadsheet would run as a formula is neutralised by :func:`spreadsheet_safe` (a leading ``'``);
+the loader removes that quote again, so an export loads back unchanged. Markdown groups
 entries by category (uncategorised ones first) and writes the metadata lines the loader documents;
 an ``ID:`` line only where the id is not the one derived from the question.
 
@@ -25,7 +27,7 @@ from knowledge_base.atomic import atomic_path
 from knowledge_base.entry import FAQEntry, content_id
 from knowledge_base.errors import SupportBotError
 
-__all__ = ["COLUMNS", "EXPORT_FORMATS", "export_entries", "render_entries"]
+__all__ = ["COLUMNS", "EXPORT_FORMATS", "FORMULA_START", "export_entries", "render_entries", "spreadsheet_safe"]
 
 COLUMNS = ("id", "category", "question", "alt_questions", "answer", "tags", "enabled")
 
@@ -39,6 +41,17 @@ EXPORT_FORMATS = {
     ".markdown": "markdown",
     ".xlsx": "xlsx",
 }
+
+
+#: What a spreadsheet may read as the start of a formula (the OWASP "CSV injection" list): a cell
+#: like ``=HYPERLINK("http://evil", "Click")`` or ``=cmd|' /C calc'!A0`` runs when the file is opened.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a ``'`` in front when it starts like a formula: spreadsheets show the text as
+    typed and hide the quote; everything else is returned as it is."""
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def export_entries(entries: Sequence[FAQEntry], path: Path) -> None:
@@ -94,7 +107,7 @@ def _render_table_text(entries: Sequence[FAQEntry], delimiter: str) -> bytes:
     out = io.StringIO(newline="")
     writer = csv.writer(out, delimiter=delimiter)
     writer.writerow(COLUMNS)
-    writer.writerows(_row(e) for e in entries)
+    writer.writerows([spreadsheet_safe(cell) for cell in _row(e)] for e in entries)
     return out.getvalue().encode("utf-8-sig")
 
 

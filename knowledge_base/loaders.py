@@ -52,15 +52,20 @@ the file as a whole (size, format, encoding, header, malformed JSON) always rais
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
+
+import numpy as np
 
 from knowledge_base.entry import FAQEntry, content_id, normalize_text
 from knowledge_base.errors import IngestError, Problem
@@ -97,6 +102,13 @@ _TRUE = frozenset({"true", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "no", "n", "0", "off"})
 _ADD_ONE = "add at least one question with its answer"
 _FORMATS_TEXT = "CSV (.csv, .tsv, .txt), Excel (.xlsx), JSON (.json), JSON Lines (.jsonl), Markdown (.md)"
+#: An error lists this many problems, then says how many more there are: a file with a million bad
+#: rows would otherwise produce a message nobody reads, and take memory to build it.
+MAX_PROBLEMS_SHOWN = 50
+#: A number in a JSON record longer than this is refused while parsing: Python refuses to turn an
+#: integer of more than 4,300 digits into text, and no FAQ field needs a number this long.
+MAX_NUMBER_DIGITS = 100
+_FORMULA_CHARS = frozenset("=+-@\t\r")
 
 
 @dataclass
@@ -141,17 +153,17 @@ def load_faq_bytes(data: bytes, filename: str, settings: KBSettings, *, skip_bad
     fmt = _FORMAT_BY_SUFFIX[_suffix(name)]
     items: Iterable[_Record | Problem]
     if fmt == "xlsx":
-        items = _read_xlsx(data, name)
+        items = _read_xlsx(data, name, settings)
     else:
         text = _decode(data, name)
         if fmt == "json":
-            items = _read_json(text, name)
+            items = _read_json(text, name, settings)
         elif fmt == "jsonl":
-            items = _read_jsonl(text, name)
+            items = _read_jsonl(text, name, settings)
         elif fmt == "markdown":
-            items = _read_markdown(text, name)
+            items = _read_markdown(text, name, settings)
         else:
-            delimiter, items = _read_delimited(text, name, tab=fmt == "tsv")
+            delimiter, items = _read_delimited(text, name, settings, tab=fmt == "tsv")
             fmt = "tsv" if delimiter == "\t" else "csv"
     return _build(items, name, fmt, settings, skip_bad_rows)
 
@@ -246,15 +258,39 @@ def _sniff_delimiter(header_line: str) -> str:
     """The delimiter that splits the header into the most known column names (then the most columns)."""
 
     def score(delimiter: str) -> tuple[int, int]:
-        cells = next(csv.reader([header_line], delimiter=delimiter), [])
+        try:
+            cells = next(csv.reader([header_line], delimiter=delimiter), [])
+        except csv.Error:  # e.g. the whole line one field over the csv module's size limit
+            return 0, 0
+        cells = cells[:1000]  # a header of a million cells is refused later; judging it costs seconds
         return sum(_column_key(c) in _COLUMN_BY_ALIAS for c in cells), len(cells)
 
     best = max(_DELIMITERS, key=score)
     return best if score(best)[1] > 1 else ","
 
 
-def _read_delimited(text: str, name: str, *, tab: bool) -> tuple[str, Iterator[_Record]]:
-    lines = text.split("\n")
+def _too_many_rows(where: str, settings: KBSettings) -> IngestError:
+    return _reject(
+        where,
+        f"the file has more than {settings.max_rows:,} rows, the limit (kb.max_rows)",
+        "split it into several files, or raise kb.max_rows",
+    )
+
+
+def _too_many_cells(where: str, count: int, settings: KBSettings) -> IngestError:
+    return _reject(
+        where,
+        f"this row has {count:,} cells, over the limit of {settings.max_columns} (kb.max_columns)",
+        "delete the unused columns to the right, or raise kb.max_columns",
+    )
+
+
+def _read_delimited(
+    text: str, name: str, settings: KBSettings, *, tab: bool
+) -> tuple[str, Iterator[_Record | Problem]]:
+    # Only the first lines are needed (the "sep=" hint and the header). Old Mac files end lines with
+    # a lone CR, which the csv reader below also takes as a line break.
+    lines = re.split(r"\r\n|\r|\n", text, maxsplit=100)[:100]
     skip = 0
     delimiter = "\t" if tab else ""
     first = lines[0].strip()
@@ -265,6 +301,17 @@ def _read_delimited(text: str, name: str, *, tab: bool) -> tuple[str, Iterator[_
         delimiter = _sniff_delimiter(header_line)
     # strict: an unclosed quote is reported where it opens instead of swallowing the rest of the file.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True, strict=True)
+    # Count the rows first (the csv module alone, a fraction of a second for 100,000 rows), so a file
+    # over the limit is refused before its rows are validated one by one.
+    if text.count("\n") + text.count("\r") > settings.max_rows:
+        counter = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            for _ in zip(range(settings.max_rows + skip + 1), counter, strict=False):
+                pass
+        except csv.Error:
+            pass  # reported with its line by the real pass below
+        if counter.line_num > settings.max_rows:
+            raise _too_many_rows(f"{name}:{counter.line_num}", settings)
 
     def rows() -> Iterator[tuple[int, list[str]]]:
         for _ in range(skip):
@@ -280,10 +327,18 @@ def _read_delimited(text: str, name: str, *, tab: bool) -> tuple[str, Iterator[_
                     "a cell that contains quotes, line breaks or the delimiter must be quoted whole, "
                     'with inner quotes doubled: "She said ""hi"""'
                 )
-                raise _reject(f"{name}:{start}", f"cannot read this row: {exc}", fix) from None
+                what = f"cannot read this row: {exc}"
+                if "field larger than field limit" in str(exc):
+                    what = f"a cell is longer than {csv.field_size_limit():,} characters"
+                    fix = "shorten it (an FAQ answer is a few paragraphs), or check for an unclosed quote above"
+                raise _reject(f"{name}:{start}", what, fix) from None
+            if start > settings.max_rows:
+                raise _too_many_rows(f"{name}:{start}", settings)
+            if len(row) > settings.max_columns:
+                raise _too_many_cells(f"{name}:{start}", len(row), settings)
             yield start, row
 
-    return delimiter, _records_from_table(rows(), name)
+    return delimiter, _records_from_table(rows(), name, settings)
 
 
 def _cell_text(value: object) -> str:
@@ -300,10 +355,64 @@ def _cell_text(value: object) -> str:
     return str(value)
 
 
-def _read_xlsx(data: bytes, name: str) -> Iterator[_Record]:
+def _check_zip_size(data: bytes, name: str, settings: KBSettings) -> None:
+    """Refuse an archive whose members expand past the limit, from the sizes in its directory.
+
+    Python's zip reader never inflates a member past its declared size, so a bomb that lies in its
+    directory is cut short (and then fails its CRC check) instead of filling memory.
+    """
     import zipfile
 
-    import openpyxl
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            expanded = sum(max(info.file_size, 0) for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise _reject(name, f"cannot read this Excel workbook: {exc}", "open it in Excel and save it again") from None
+    limit = settings.max_xlsx_expanded_mb * 1024 * 1024
+    if expanded > limit:
+        raise _reject(
+            name,
+            f"the workbook expands to {expanded / 1024 / 1024:,.0f} MB when unzipped, over the "
+            f"{settings.max_xlsx_expanded_mb:g} MB limit (kb.max_xlsx_expanded_mb)",
+            "split it into smaller workbooks or save it as CSV, or raise kb.max_xlsx_expanded_mb",
+        )
+
+
+def _first_sheet_rows(data: bytes) -> Iterator[tuple[int, tuple[object, ...]]]:
+    """The first worksheet's rows as values, numbered from 1, read one at a time.
+
+    ``openpyxl.load_workbook(read_only=True)`` looks for every sheet's declared size when it opens
+    the workbook; a sheet without one (written by a script, or hostile) is parsed to its end first,
+    30 s for two million rows before the first one is seen. This follows ``ExcelReader.read`` up to
+    the stylesheet (shared strings, date formats), then opens the first sheet without that scan,
+    and ignores the declared size, which would pad each row to as many cells as it claims.
+    """
+    from openpyxl.reader.excel import ExcelReader
+    from openpyxl.styles.stylesheet import apply_stylesheet
+    from openpyxl.worksheet._read_only import ReadOnlyWorksheet
+
+    class FirstSheet(ReadOnlyWorksheet):
+        def _get_size(self) -> None:
+            pass  # no declared size: rows hold the cells written
+
+    reader = ExcelReader(io.BytesIO(data), read_only=True, data_only=True)
+    try:
+        reader.read_manifest()
+        reader.read_strings()
+        reader.read_workbook()
+        apply_stylesheet(reader.archive, reader.wb)
+        for sheet, rel in reader.parser.find_sheets():
+            if rel.target in reader.valid_files and "chartsheet" not in rel.Type:
+                ws = FirstSheet(reader.wb, sheet.name, rel.target, reader.shared_strings)
+                yield from enumerate(ws.iter_rows(values_only=True), start=1)
+                return
+        raise ValueError("the workbook has no worksheet")
+    finally:
+        reader.archive.close()
+
+
+def _read_xlsx(data: bytes, name: str, settings: KBSettings) -> Iterator[_Record | Problem]:
+    import zipfile
 
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise _reject(
@@ -312,26 +421,48 @@ def _read_xlsx(data: bytes, name: str) -> Iterator[_Record]:
             "save it from Excel as 'Excel Workbook (.xlsx)' without a password, "
             "or if it is a CSV file, rename it to .csv",
         )
+    _check_zip_size(data, name, settings)
+    rows: list[tuple[int, list[str]]] = []
     try:
-        with warnings.catch_warnings():
-            # openpyxl warns about workbook features it ignores (styles, data validation): not our concern.
+        # openpyxl warns about workbook features it ignores (styles, data validation): not our concern;
+        # and it print()s about a damaged stylesheet, which must not land in a --json command's stdout.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
-            book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-            try:
-                sheet = book.worksheets[0]
-                rows = [
-                    (line, [_cell_text(v) for v in row])
-                    for line, row in enumerate(sheet.iter_rows(values_only=True), start=1)
-                ]
-            finally:
-                book.close()
+            for line, row in _first_sheet_rows(data):
+                if line > settings.max_rows:
+                    raise _too_many_rows(f"{name}:{line}", settings)
+                if len(row) > settings.max_columns:
+                    # Trailing empty cells are formatting, not data.
+                    row = row[: max((i + 1 for i, v in enumerate(row) if v is not None), default=0)]
+                    if len(row) > settings.max_columns:
+                        raise _too_many_cells(f"{name}:{line}", len(row), settings)
+                rows.append((line, [_cell_text(v) for v in row]))
+    except IngestError:
+        raise
     except Exception as exc:  # a damaged workbook can fail anywhere inside openpyxl or its XML parser
         fix = "open it in Excel and save it again as .xlsx"
         raise _reject(name, f"cannot read this Excel workbook: {exc}", fix) from None
-    return _records_from_table(iter(rows), name)
+    return _records_from_table(iter(rows), name, settings)
 
 
-def _records_from_table(rows: Iterator[tuple[int, list[str]]], name: str) -> Iterator[_Record]:
+def _long_cell(where: str, which: str, length: int, settings: KBSettings) -> Problem:
+    return Problem(
+        where,
+        f"{which} is {length:,} characters long, over the limit of {settings.max_cell_chars:,} (kb.max_cell_chars)",
+        "shorten it or split the entry, or raise kb.max_cell_chars",
+    )
+
+
+def _unquote_formula(cell: str) -> str:
+    """Undo :func:`knowledge_base.export.spreadsheet_safe`: exported cells that would start like a
+    formula carry a leading ``'``, which a spreadsheet hides and this drops, so an export loads back
+    unchanged (a cell that really starts with ``'=`` is vanishingly rare in an FAQ)."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in _FORMULA_CHARS else cell
+
+
+def _records_from_table(
+    rows: Iterator[tuple[int, list[str]]], name: str, settings: KBSettings
+) -> Iterator[_Record | Problem]:
     """Map the header row to columns (file-level problems raise at once), then yield one record per row."""
     for line, header in rows:
         if any(cell.strip() for cell in header):
@@ -377,7 +508,11 @@ def _records_from_table(rows: Iterator[tuple[int, list[str]]], name: str) -> Ite
     for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
-        cells = row + [""] * (len(header) - len(row))
+        longest = max(range(len(row)), key=lambda i: len(row[i]))
+        if len(row[longest]) > settings.max_cell_chars:
+            yield _long_cell(f"{name}:{line}", f"cell {longest + 1}", len(row[longest]), settings)
+            continue
+        cells = [_unquote_formula(c) for c in row] + [""] * (len(header) - len(row))
         extra = {label: normalize_text(cells[i]) for i, label in extra_columns.items() if cells[i].strip()}
         yield _Record(f"{name}:{line}", {c: cells[i] for c, i in columns.items()}, extra)
 
@@ -385,12 +520,103 @@ def _records_from_table(rows: Iterator[tuple[int, list[str]]], name: str) -> Ite
 # --- JSON, JSONL -----------------------------------------------------------------------------------------
 
 
-def _record_from_object(obj: object, where: str) -> _Record | Problem:
+class _Invalid:
+    """A JSON value refused while parsing (NaN, Infinity, a huge number), reported with its record."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+def _parse_int(text: str) -> int | _Invalid:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_NUMBER_DIGITS:
+        return _Invalid(f"a number {digits:,} digits long (the limit is {MAX_NUMBER_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _Invalid:
+    value = float(text)
+    if not math.isfinite(value):
+        return _Invalid(f"the number {text[:20]}{'...' if len(text) > 20 else ''}, too large for a number")
+    return value
+
+
+def _parse_constant(text: str) -> _Invalid:
+    return _Invalid(f"{text}, which is not a number in standard JSON")
+
+
+def _json_loads(text: str) -> object:
+    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _nesting(text: str, limit: int) -> int:
+    """How deeply JSON ``text`` nests, checked before parsing: Python's parser recurses once per level
+    and a few thousand levels crash it. Counted up to ``limit + 1``, in time linear in the text."""
+    if text.count("[") + text.count("{") <= limit:
+        return 0
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    if not brackets:
+        return 0
+    steps = np.where(np.frombuffer(brackets, dtype=np.uint8) % 4 == 3, 1, -1)  # "[" and "{" are 3 mod 4
+    return int(np.cumsum(steps).max())
+
+
+def _too_deep(where: str, settings: KBSettings) -> Problem:
+    return Problem(
+        where,
+        f"lists or objects are nested more than {settings.max_nesting} levels deep (kb.max_nesting)",
+        'write each record flat: {"question": "...", "answer": "...", "tags": ["..."]}',
+    )
+
+
+def _bad_value(value: object, settings: KBSettings) -> str:
+    """What is wrong with a parsed JSON value, or ""; the nesting was checked before parsing."""
+    if isinstance(value, _Invalid):
+        return value.what
+    if isinstance(value, str):
+        if len(value) > settings.max_cell_chars:
+            return f"a text of {len(value):,} characters, over the limit of {settings.max_cell_chars:,} (kb.max_cell_chars)"
+        bad = _SURROGATE.search(value) if not value.isascii() else None
+        if bad:
+            return f"an invalid character (a lone UTF-16 surrogate, U+{ord(bad[0]):04X})"
+        return ""
+    items: Iterable[object] = ()
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    for item in items:
+        problem = _bad_value(item, settings)
+        if problem:
+            return problem
+    return ""
+
+
+def _record_from_object(obj: object, where: str, settings: KBSettings) -> _Record | Problem:
     if not isinstance(obj, dict):
         return Problem(
             where,
             f'expected an object like {{"question": ..., "answer": ...}}, got {_json_type(obj)}',
             "make each record a JSON object with 'question' and 'answer' keys",
+        )
+    if len(obj) > settings.max_columns:
+        what = f"the record has {len(obj):,} keys, over the limit of {settings.max_columns} (kb.max_columns)"
+        return Problem(where, what, "keep only the fields of the FAQ entry, or raise kb.max_columns")
+    bad = _bad_value(obj, settings)
+    if bad:
+        return Problem(
+            where,
+            f"the record holds {bad}",
+            "re-save the file as UTF-8 from a text editor (a broken emoji is the usual cause)"
+            if "surrogate" in bad
+            else "shorten that text"
+            if "characters" in bad
+            else "write the number as text in quotes, or as an ordinary number",
         )
     values: dict[str, object] = {}
     extra: dict[str, str] = {}
@@ -408,9 +634,11 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "a number")
 
 
-def _read_json(text: str, name: str) -> Iterator[_Record | Problem]:
+def _read_json(text: str, name: str, settings: KBSettings) -> Iterator[_Record | Problem]:
+    if _nesting(text, settings.max_nesting) > settings.max_nesting:
+        raise IngestError([_too_deep(name, settings)])
     try:
-        data = json.loads(text)
+        data = _json_loads(text)
     except json.JSONDecodeError as exc:
         fix = "fix the JSON syntax at that spot (a JSON validator shows it too)"
         if exc.msg == "Extra data":
@@ -429,25 +657,38 @@ def _read_json(text: str, name: str) -> Iterator[_Record | Problem]:
                 )
             ]
         )
+    if len(records) > settings.max_rows:
+        raise _reject(
+            name,
+            f"the file has {len(records):,} records, over the limit of {settings.max_rows:,} (kb.max_rows)",
+            "split it into several files, or raise kb.max_rows",
+        )
     for index, obj in enumerate(records, start=1):
-        yield _record_from_object(obj, f"{name}: record {index}")
+        yield _record_from_object(obj, f"{name}: record {index}", settings)
 
 
-def _read_jsonl(text: str, name: str) -> Iterator[_Record | Problem]:
-    if text.lstrip().startswith("["):
+def _read_jsonl(text: str, name: str, settings: KBSettings) -> Iterator[_Record | Problem]:
+    if text.lstrip().startswith("[") and _nesting(text, settings.max_nesting) <= settings.max_nesting:
         try:
-            json.loads(text)
+            _json_loads(text)
         except json.JSONDecodeError:
             pass
         else:
             raise _reject(name, "this is one JSON list, not JSON Lines (one record per line)", "rename it to .json")
+    if text.rstrip("\n").count("\n") >= settings.max_rows:
+        raise _too_many_rows(f"{name}:{settings.max_rows + 1}", settings)
     # Split on "\n" only: JSON strings may hold other line separators (U+2028) that splitlines() would cut.
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if lineno > settings.max_rows:
+            raise _too_many_rows(f"{name}:{lineno}", settings)
         where = f"{name}:{lineno}"
+        if _nesting(line, settings.max_nesting) > settings.max_nesting:
+            yield _too_deep(where, settings)
+            continue
         try:
-            obj = json.loads(line)
+            obj = _json_loads(line)
         except json.JSONDecodeError as exc:
             yield Problem(
                 where,
@@ -455,7 +696,7 @@ def _read_jsonl(text: str, name: str) -> Iterator[_Record | Problem]:
                 'write one complete JSON object per line, like {"question": "...", "answer": "..."}',
             )
             continue
-        yield _record_from_object(obj, where)
+        yield _record_from_object(obj, where, settings)
 
 
 # --- Markdown ------------------------------------------------------------------------------------------
@@ -467,13 +708,14 @@ _METADATA = re.compile(r"(also|tags|id|enabled)[ \t]*:[ \t]*(.*)", re.IGNORECASE
 _ESCAPED_HEADING = re.compile(r"^( {0,3})\\(#{1,2}(?:[ \t]|$))")
 
 
-def _read_markdown(text: str, name: str) -> Iterator[_Record]:
+def _read_markdown(text: str, name: str, settings: KBSettings) -> Iterator[_Record]:
     category = ""
     current: _Record | None = None
     answer: list[str] = []
     in_metadata = False
     fence = ""
     found_entries = False
+    entries = 0
     deeper_headings = 0
 
     def finish() -> _Record | None:
@@ -501,6 +743,13 @@ def _read_markdown(text: str, name: str) -> Iterator[_Record]:
                     category, current = title, None
                 else:
                     found_entries = True
+                    entries += 1
+                    if entries > settings.max_rows:
+                        raise _reject(
+                            f"{name}:{lineno}",
+                            f"the file has more than {settings.max_rows:,} entries, the limit (kb.max_rows)",
+                            "split it into several files, or raise kb.max_rows",
+                        )
                     current = _Record(f"{name}:{lineno}", {"question": title, "category": category})
                     answer, in_metadata = [], True
                 continue
@@ -554,7 +803,20 @@ def _as_text(value: object, what: str, where: str, problems: list[Problem]) -> s
     if value is None:
         return ""
     if isinstance(value, str):
+        bad = _SURROGATE.search(value) if not value.isascii() else None
+        if bad:
+            problems.append(
+                Problem(
+                    where,
+                    f"the {what} holds an invalid character (a lone UTF-16 surrogate, U+{ord(bad[0]):04X})",
+                    "re-save the file as UTF-8 from a text editor (a broken emoji is the usual cause)",
+                )
+            )
+            return ""
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(Problem(where, f"the {what} is {value}, not text", f"write the {what} as text"))
+        return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return _cell_text(value)
     problems.append(Problem(where, f"the {what} must be text, not {_json_type(value)}", f"write the {what} as text"))
@@ -696,8 +958,19 @@ def _build(
         if checked.entry is not None and not checked.problems:
             entries.append(checked.entry)
     if problems and not skip_bad_rows:
-        raise IngestError(problems)
+        raise IngestError(_first_problems(problems, name))
     if not entries:
         what = "every entry has a problem" if problems else "the file has no questions in it"
-        raise IngestError([*problems, Problem(name, f"no entries: {what}", _ADD_ONE)])
+        raise IngestError([*_first_problems(problems, name), Problem(name, f"no entries: {what}", _ADD_ONE)])
     return LoadResult(entries=entries, skipped=problems, format=fmt)
+
+
+def _first_problems(problems: list[Problem], name: str) -> list[Problem]:
+    """The first :data:`MAX_PROBLEMS_SHOWN` problems, then one line counting the rest."""
+    if len(problems) <= MAX_PROBLEMS_SHOWN:
+        return problems
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    return [
+        *problems[:MAX_PROBLEMS_SHOWN],
+        Problem(name, f"... and {more:,} more problems", "fix the problems above, then upload again to see the rest"),
+    ]

@@ -28,6 +28,21 @@ class KBSettings:
     """Files larger than this are refused before they are read."""
     max_question_chars: int = 1000
     max_answer_chars: int = 20000
+    max_rows: int = 100_000
+    """Lines of a CSV/JSONL file, rows of a sheet, records of a JSON list or entries of a Markdown
+    file; a file with more is refused as soon as the reader passes this many (blank lines count)."""
+    max_columns: int = 100
+    """Cells in one row of a table (or keys in one JSON record)."""
+    max_cell_chars: int = 100_000
+    """Characters in any one cell or value, extra columns included (answers also have their own limit)."""
+    max_xlsx_expanded_mb: float = 100.0
+    """Uncompressed size of an .xlsx archive, checked from the zip directory before anything is
+    read: a small workbook can expand to gigabytes (a zip bomb)."""
+    hold_suspicious: bool = True
+    """Hold entries that address an assistant or ask customers for secrets until an operator
+    approves them (`knowledge_base.content_check`); False stores and serves them at once."""
+    max_nesting: int = 20
+    """How deeply JSON lists and objects may nest; an FAQ record needs 3 levels."""
     top_k: int = 5
     retrieval: Literal["hybrid", "dense", "bm25"] = "hybrid"
     """How entries are ranked: see `knowledge_base.retriever` for what each does and why."""
@@ -61,6 +76,11 @@ class KBSettings:
             out.append(Problem("kb.embedding_batch_size", "must be at least 1", "set it to e.g. 64"))
         if self.max_upload_mb <= 0:
             out.append(Problem("kb.max_upload_mb", "must be positive", "set it to e.g. 20"))
+        for name, least in (("max_rows", 1), ("max_columns", 2), ("max_cell_chars", 10), ("max_nesting", 3)):
+            if getattr(self, name) < least:
+                out.append(Problem(f"kb.{name}", f"must be at least {least}", "remove it to use the default"))
+        if self.max_xlsx_expanded_mb <= 0:
+            out.append(Problem("kb.max_xlsx_expanded_mb", "must be positive", "set it to e.g. 100"))
         if self.max_question_chars < 10 or self.max_answer_chars < 10:
             out.append(Problem("kb.max_question_chars/max_answer_chars", "must be at least 10", ""))
         if self.background_answers_above < 0:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
     PRIMARY KEY (model, text_hash)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Entries held for review by knowledge_base.content_check: 'held' ones are never served; 'approved'
+-- remembers which content an operator cleared, so re-uploading it is not held again.
+CREATE TABLE IF NOT EXISTS content_holds (
+    entry_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('held', 'approved')),
+    updated_at TEXT NOT NULL
+);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('revision', '0');
 CREATE TABLE IF NOT EXISTS examples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -78,6 +87,8 @@ class UpsertReport:
     added: list[str]
     updated: list[str]
     unchanged: list[str]
+    held: dict[str, str] = field(default_factory=dict)
+    """Added or updated entries held for review: id -> reason."""
 
     def counts(self) -> dict[str, int]:
         return {"added": len(self.added), "updated": len(self.updated), "unchanged": len(self.unchanged)}
@@ -170,8 +181,8 @@ class EntryStore:
     def all(self, *, enabled_only: bool = False, category: str | None = None) -> list[FAQEntry]:
         sql = f"SELECT {self._COLUMNS} FROM entries"
         where, params = [], []
-        if enabled_only:
-            where.append("enabled = 1")
+        if enabled_only:  # what may be served: enabled and not held for review
+            where.append("enabled = 1 AND id NOT IN (SELECT entry_id FROM content_holds WHERE status = 'held')")
         if category:
             where.append("category = ?")
             params.append(category)
@@ -190,9 +201,15 @@ class EntryStore:
             rows = self._conn.execute("SELECT category, COUNT(*) FROM entries GROUP BY category ORDER BY category")
             return {c: n for c, n in rows.fetchall()}
 
-    def upsert(self, entries: Iterable[FAQEntry], *, source: str | None = None) -> UpsertReport:
-        """Insert new entries, update changed ones in place, leave identical ones alone (one transaction)."""
+    def upsert(
+        self, entries: Iterable[FAQEntry], *, source: str | None = None, holds: Mapping[str, str] | None = None
+    ) -> UpsertReport:
+        """Insert new entries, update changed ones in place, leave identical ones alone (one transaction).
+
+        ``holds`` (id -> reason): added or updated entries to hold for review, in the same
+        transaction; other added or updated entries lose an earlier hold (their text changed)."""
         added, updated, unchanged = [], [], []
+        held: dict[str, str] = {}
         now = _now()
         with self.transaction() as conn:
             for entry in entries:
@@ -226,9 +243,44 @@ class EntryStore:
                         (*values, entry.id, entry.created_at or now),
                     )
                     added.append(entry.id)
+                if holds is not None:
+                    if entry.id in holds:
+                        held[entry.id] = holds[entry.id]
+                        conn.execute(
+                            "INSERT OR REPLACE INTO content_holds VALUES (?, ?, ?, 'held', ?)",
+                            (entry.id, holds[entry.id], digest, now),
+                        )
+                    else:
+                        conn.execute("DELETE FROM content_holds WHERE entry_id = ? AND status = 'held'", (entry.id,))
             if added or updated:
                 self._bump(conn)
-        return UpsertReport(added, updated, unchanged)
+        return UpsertReport(added, updated, unchanged, held)
+
+    # -- review holds ---------------------------------------------------------------------------
+    def held(self) -> dict[str, str]:
+        """Entries held for review: id -> reason."""
+        with self._lock:
+            rows = self._conn.execute("SELECT entry_id, reason FROM content_holds WHERE status = 'held' ORDER BY 1")
+            return dict(rows.fetchall())
+
+    def approved_hashes(self) -> dict[str, str]:
+        """id -> the content hash an operator approved."""
+        with self._lock:
+            rows = self._conn.execute("SELECT entry_id, content_hash FROM content_holds WHERE status = 'approved'")
+            return dict(rows.fetchall())
+
+    def approve(self, entry_ids: Sequence[str]) -> list[str]:
+        """Release held entries; returns the ids that were held."""
+        held = self.held()
+        ids = [i for i in dict.fromkeys(entry_ids) if i in held]
+        if ids:
+            with self.transaction() as conn:
+                conn.executemany(
+                    "UPDATE content_holds SET status = 'approved', updated_at = ? WHERE entry_id = ?",
+                    [(_now(), i) for i in ids],
+                )
+                self._bump(conn)
+        return ids
 
     def delete(self, entry_ids: Sequence[str]) -> list[str]:
         """Delete entries; returns the ids that existed."""
@@ -236,6 +288,7 @@ class EntryStore:
         if existing:
             with self.transaction() as conn:
                 conn.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in existing])
+                conn.executemany("DELETE FROM content_holds WHERE entry_id = ?", [(i,) for i in existing])
                 # An entry's labelled examples go with it: they would teach the retriever an answer
                 # that no longer exists (and a later entry with the same id may mean something else).
                 conn.executemany("DELETE FROM examples WHERE entry_id = ?", [(i,) for i in existing])

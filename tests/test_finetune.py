@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -351,39 +352,165 @@ def test_target_modules_per_architecture(tiny: tuple[Any, Any]) -> None:
 
 def test_fast_loss_modes_equal_the_full_forward(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Sliced head, chunked cross-entropy and the shared system-prompt prefix: same loss, same gradients."""
-    from finetune.train import _shared_prefix, choose_loss_mode
+    from finetune.train import choose_loss_mode
 
     tokenizer, load = tiny
-    torch.manual_seed(0)
-    model = apply_lora(load(), ft_settings(Settings()).finetune)
-    with torch.no_grad():  # non-zero LoRA B, so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = _lora_with_gradients_everywhere(load())
     batch = collate(toy_tokenized(tokenizer)[:3], tokenizer.pad_token_id)
-    assert _shared_prefix(batch) > 50  # the system prompt and the chat markup before the question
+    assert batch.shared_prefix > 50  # the system prompt and the chat markup before the question
 
-    def loss_and_grads(mode: str) -> tuple[Any, list[Any]]:
-        model.zero_grad(set_to_none=True)
-        loss = answer_loss(model, batch, mode=mode)  # type: ignore[arg-type]
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    full, full_grads = loss_and_grads("full")
+    full, full_grads = _loss_and_grads(model, batch, "full")
     with torch.no_grad():
         reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
     assert torch.allclose(full / batch.n_targets, reference, rtol=1e-5)
     modes = ["sliced", "shared-prefix"]
-    monkeypatch.setattr("finetune.train.CE_CHUNK_ROWS", 7)  # and the chunked cross-entropy
+    monkeypatch.setattr("finetune.loss.CE_CHUNK_ROWS", 7)  # and the chunked cross-entropy
     for mode in [*modes, *modes]:
-        loss, grads = loss_and_grads(mode)
+        loss, grads = _loss_and_grads(model, batch, mode)
         assert torch.allclose(loss, full, rtol=1e-5), mode
         for g, r in zip(grads, full_grads, strict=True):  # equal up to float32 summation order
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max())), mode
     assert choose_loss_mode(model, batch) == "shared-prefix"
     # Rows that share less than a prompt's worth of tokens, or a single row, run whole.
-    assert _shared_prefix(collate(toy_tokenized(tokenizer)[:1], tokenizer.pad_token_id)) == 0
+    assert collate(toy_tokenized(tokenizer)[:1], tokenizer.pad_token_id).shared_prefix == 0
+
+
+def _lora_with_gradients_everywhere(base: Any) -> Any:
+    """LoRA on ``base`` with a non-zero B, so every LoRA weight gets a gradient; dropout off."""
+    torch.manual_seed(0)
+    model = apply_lora(base, ft_settings(Settings()).finetune)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    return model
+
+
+def _loss_and_grads(model: Any, batch: Any, mode: str) -> tuple[Any, list[Any]]:
+    from finetune.loss import autocast, compute_dtype
+
+    model.zero_grad(set_to_none=True)
+    with autocast(batch.input_ids.device, compute_dtype(model)):
+        loss = answer_loss(model, batch, mode=mode)  # type: ignore[arg-type]
+    loss.backward()
+    return loss.detach().float(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_the_batch_carries_its_answer_positions_as_indices(tiny: tuple[Any, Any]) -> None:
+    """The positions the loss reads are exactly the label mask's (host-side, no device round trip)."""
+    tokenizer, _ = tiny
+    examples = toy_tokenized(tokenizer)[:4]
+    batch = collate(examples, tokenizer.pad_token_id)
+    shifted = batch.labels[:, 1:]
+    rows, positions = (shifted != -100).nonzero(as_tuple=True)
+    assert torch.equal(batch.target_rows, rows) and torch.equal(batch.target_positions, positions)
+    assert torch.equal(batch.target_ids, shifted[shifted != -100])
+    assert batch.n_targets == len(batch.target_ids)
+    prefix = batch.shared_prefix
+    assert prefix < min(ex.prompt_len for ex in examples)
+    assert (batch.input_ids[:, :prefix] == batch.input_ids[:1, :prefix]).all()
+    assert not (batch.input_ids[:, prefix] == batch.input_ids[0, prefix]).all()
+
+
+def test_the_agreement_tolerance_separates_rounding_noise_from_a_wrong_gradient() -> None:
+    """Noise the size of bf16 rounding passes the bf16 check (not the float32 one); a gradient that
+    lost part of its contributions fails both."""
+    from finetune.loss import agreement_tolerance, gradient_disagreement
+
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(16, 64, generator=gen) for _ in range(6)] + [torch.zeros(64, 16)]  # LoRA A before B moves
+    loss = torch.tensor(3.0)
+
+    def noisy(scale: float) -> list[Any]:
+        return [r + scale * r.abs().mean() * torch.randn(r.shape, generator=gen) for r in ref]
+
+    bf16, fp32 = agreement_tolerance(torch.bfloat16), agreement_tolerance(torch.float32)
+    assert fp32 == pytest.approx(1e-3) and bf16 > 20 * fp32
+    rounding = gradient_disagreement(loss * (1 + 2**-8), noisy(2**-6), loss, ref)  # ~4 bf16 roundings
+    assert fp32 < rounding < bf16 / 4
+    cut = [r.clone() for r in ref]
+    cut[2] *= 0.6  # a third of one tensor's gradient missing (e.g. none through the shared prefix)
+    assert gradient_disagreement(loss, cut, loss, ref) > bf16
+    assert gradient_disagreement(loss * 1.5, ref, loss, ref) > bf16
+    assert gradient_disagreement(torch.tensor(float("nan")), ref, loss, ref) == float("inf")
+
+
+@pytest.fixture
+def bf16_model(tiny: tuple[Any, Any]) -> Any:
+    """The toy model with its base in bfloat16 (LoRA weights stay float32, as peft keeps them):
+    what training runs on a GPU, simulated under CPU bf16 autocast."""
+    _, load = tiny
+    return _lora_with_gradients_everywhere(load().to(torch.bfloat16))
+
+
+def test_fast_loss_modes_are_kept_under_bf16(tiny: tuple[Any, Any], bf16_model: Any) -> None:
+    """Correct fast modes under bf16 autocast differ from the full forward by bf16 rounding, which
+    the float32 tolerance rejects (why a GPU fell back to the slowest mode) and the bf16 one accepts."""
+    from finetune.loss import agreement_tolerance, choose_loss_mode, gradient_disagreement
+
+    tokenizer, _ = tiny
+    batch = collate(toy_tokenized(tokenizer)[:3], tokenizer.pad_token_id)
+    full = _loss_and_grads(bf16_model, batch, "full")
+    for mode in ("sliced", "shared-prefix"):
+        error = gradient_disagreement(*_loss_and_grads(bf16_model, batch, mode), *full)
+        assert agreement_tolerance(torch.float32) < error < agreement_tolerance(torch.bfloat16), mode
+    assert choose_loss_mode(bf16_model, batch) == "shared-prefix"
+
+
+def test_wrong_fast_loss_modes_are_rejected_under_bf16(
+    tiny: tuple[Any, Any], bf16_model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shared prefix whose cache carries no gradients falls back to the sliced head; a model whose
+    logits are not a plain head over the decoder falls back to its own forward."""
+    from finetune import loss as loss_module
+
+    tokenizer, _ = tiny
+    batch = collate(toy_tokenized(tokenizer)[:3], tokenizer.pad_token_id)
+    returned_cache = loss_module._returned_cache
+
+    def detached_cache(output: Any) -> Any:
+        cache = returned_cache(output)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        return cache
+
+    monkeypatch.setattr(loss_module, "_returned_cache", detached_cache)
+    with caplog.at_level("WARNING", logger="finetune.loss"):
+        assert loss_module.choose_loss_mode(bf16_model, batch) == "sliced"
+    assert "shared-prefix disagrees" in caplog.text
+    monkeypatch.setattr(loss_module, "_returned_cache", returned_cache)
+
+    decoder_and_head = loss_module._decoder_and_head
+
+    def scaled_head(model: Any) -> Any:  # logits x 2, as a model with a logit scale would have
+        decoder, head = decoder_and_head(model)
+        return decoder, lambda hidden: 2 * head(hidden)
+
+    monkeypatch.setattr(loss_module, "_decoder_and_head", scaled_head)
+    assert loss_module.choose_loss_mode(bf16_model, batch) == "full"
+
+
+def test_the_faster_agreeing_mode_is_timed_not_assumed(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the agreeing modes are timed on a real micro-batch (here on a fake clock that each
+    pass advances); the faster wins, and a near-tie (within 3%) keeps the earlier mode."""
+    from finetune import loss as loss_module
+
+    tokenizer, load = tiny
+    model = _lora_with_gradients_everywhere(load())
+    batch = collate(toy_tokenized(tokenizer)[:2], tokenizer.pad_token_id)
+    clock = [0.0]
+    monkeypatch.setattr(loss_module.time, "perf_counter", lambda: clock[0])
+    pass_seconds = {"shared-prefix": 0.30, "sliced": 0.20}
+
+    def run(mode: str, on: Any) -> None:
+        assert on is batch
+        clock[0] += pass_seconds[mode]
+
+    modes = ["shared-prefix", "sliced"]
+    assert loss_module._fastest(model, batch, modes, run) == "sliced"
+    pass_seconds["shared-prefix"] = 0.205
+    assert loss_module._fastest(model, batch, modes, run) == "shared-prefix"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,6 +537,24 @@ def test_loss_falls_on_a_memorizable_set(tiny: tuple[Any, Any], settings: Settin
     assert result.tokens == seen[-1]["tokens"] > 0 and result.target_tokens > 0
     assert {"step", "total_steps", "loss", "lr", "tokens_per_s", "eta_s", "epoch"} <= set(seen[-1])
     assert seen[-1]["eta_s"] == 0 and seen[0]["step"] == 1
+
+
+def test_float16_training_scales_its_loss_and_resumes_the_scale(
+    tiny: tuple[Any, Any], settings: Settings, tmp_path: Path
+) -> None:
+    """A float16 base (a GPU without bf16) trains under fp16 autocast with a GradScaler, whose
+    state is checkpointed with the run; here under CPU fp16 autocast."""
+    tokenizer, load = tiny
+    data = toy_tokenized(tokenizer, MEMORIZABLE)
+    s = ft_settings(settings, target_modules="all-linear", micro_batch_size=2, checkpoint_every=4)
+    before = ev.evaluate_loss(load(), data, pad_id=tokenizer.pad_token_id)["loss"]
+    model, result = _train(lambda: load().to(torch.float16), data, s, tmp_path / "run", max_steps=12)
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert ev.evaluate_loss(model, data, pad_id=tokenizer.pad_token_id)["loss"] < 0.8 * before
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # master weights
+    saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)
+    # The first steps overflowed at the initial scale 2**16 and were skipped, not applied.
+    assert 0 < saved["scaler"]["scale"] < 2**16
 
 
 def test_a_time_limit_stops_before_the_step_that_would_overrun_it(

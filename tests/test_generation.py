@@ -326,14 +326,46 @@ def test_int8_is_ignored_off_the_cpu(tiny_settings: Settings, caplog: pytest.Log
 
 def test_device_and_dtype_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     device = resolve_device("auto")
     assert device.type == "cuda" and resolve_dtype("auto", device) == torch.bfloat16
+    # GPUs before Ampere have no bf16: float16 (fine-tuning then scales its loss).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_dtype("auto", device) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device = resolve_device("auto")
     assert device.type == "cpu" and resolve_dtype("auto", device) == torch.float32
     with pytest.raises(ModelLoadError) as info:
         resolve_device("cuda")
     assert info.value.fix
+
+
+def test_on_a_gpu_the_weights_load_straight_onto_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``device_map`` names this process's GPU in from_pretrained: no host copy, no ``.to`` afterwards."""
+    import transformers
+
+    calls: list[dict[str, Any]] = []
+
+    class Loaded:
+        def to(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("moved after loading")
+
+        def eval(self) -> Loaded:
+            return self
+
+    def from_pretrained(path: str, **kwargs: Any) -> Loaded:
+        calls.append(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # as init_distributed sets it for rank 1
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    loaded = load_model(ModelSettings(model=str(tiny_model_dir), device="cuda"), tmp_path, for_training=True)
+    assert calls == [{"dtype": torch.bfloat16, "device_map": torch.device("cuda", 1)}]
+    assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
 
 
 # -- OpenAI-compatible server ----------------------------------------------------------------------

@@ -574,6 +574,13 @@ ENTRIES = [
         enabled=False,
     ),
     FAQEntry(id="007", question="=1+1?", answer="2", alt_questions=("one plus one",), category="Shipping"),
+    FAQEntry(
+        id="-neg",
+        question="@here what is +1?",
+        answer="- a list item\n- another",
+        alt_questions=("=cmd /C calc!A0",),
+        tags=("+tag",),
+    ),
 ]
 
 

@@ -101,11 +101,11 @@ def test_phone_glued_to_other_numbers(text: str, expected: str) -> None:
     ],
 )
 def test_cards(card: str) -> None:
-    assert redact(f"my card is {card}, exp 12/27") == "my card is [card], exp 12/27"
+    assert redact(f"my card is {card}, exp 12/27") == "my card is [card], exp [expiry]"
 
 
 def test_card_inside_a_longer_run_is_still_masked() -> None:
-    assert redact("4111 1111 1111 1111 123") == "[card] 123"
+    assert redact("4111 1111 1111 1111 123") == "[card] [cvv]"  # the code right after a card is its CVV
     assert redact("4111111111111111 4111111111111111") == "[card] [card]"
 
 
@@ -153,7 +153,6 @@ TRICKY_NON_PII = [
     "SKU-12345678 and ABC-123-456",
     "tracking 1Z999AA10123456784",
     "https://shop.example.com/orders/5551234567?id=5551234567&ref=100234",
-    "server 192.168.100.200",
     "version 1.2.3 build 20261123",
     "pc12 is on sale at the mall today",
     "a@b is not an address, nor is user@localhost",
@@ -203,3 +202,110 @@ def test_adversarial_input_is_not_quadratic(text: str) -> None:
     start = time.perf_counter()
     redact(text)
     assert time.perf_counter() - start < 10  # quadratic versions took minutes
+
+
+# -- issue 16: what customers actually type ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("card 4111.1111.1111.1111 please", "card [card] please"),
+        ("4111 1111 1111 1111 exp 12/27 cvv 123", "[card] exp [expiry] cvv [cvv]"),
+        ("my card 4111-1111-1111-1111 12/27 123", "my card [card] [expiry] [cvv]"),
+        ("the CVV is 123", "the CVV is [cvv]"),
+        ("my password is Hunter2!Secret", "my password is [password]"),
+        ("password: sunshine", "password: [password]"),
+        ("my PIN is 4921", "my PIN is [pin]"),
+        ("the one-time code is 482913", "the one-time code is [code]"),
+        ("SSN 123-45-6789", "SSN [national-id]"),
+        ("my SSN is 123456789", "my SSN is [national-id]"),
+        ("NI number AB 12 34 56 C", "NI number [national-id]"),
+        ("身份证 11010519491231002X", "身份证 [national-id]"),
+        ("call me 4155552671", "call me [phone]"),
+        ("reach me on 4155552671 tonight", "reach me on [phone] tonight"),
+        ("我的手机 13912345678", "我的手机 [phone]"),
+        ("jane dot doe at example dot com", "[email]"),
+        ("jane.doe [at] example [dot] com", "[email]"),
+        ("DOB 12/03/1985", "DOB [dob]"),
+        ("I was born on 3 March 1979", "I was born on [dob]"),
+        ("my IP is 203.0.113.45", "my IP is [ip]"),
+        ("from 2001:db8::1 today", "from [ip] today"),
+    ],
+)
+def test_personal_data_customers_type(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I forgot my password",
+        "my password is not working",
+        "password reset link",
+        "what is the password policy?",
+        "order 4155552671 hasn't arrived",
+        "tracking number 1Z999AA10123456784",
+        "model AB123456C fridge",
+        "my coupon expires 12/25",
+        "version 1.2.3.4 crashes",
+        "the meeting is 12:30:45",
+        "postal code 90210",
+        "look at example.com for details",
+        "std::vector<int> question",
+        "11010519491231002Y",  # an 18-digit number failing the resident-id checksum
+        "Delivered on 2026-11-23",
+    ],
+)
+def test_lookalikes_that_stay(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_labelled_set_meets_the_targets() -> None:
+    from benchmarks.robustness import redaction_scores
+
+    scores = redaction_scores(redact)
+    recall = scores["recall"]
+    assert isinstance(recall, dict)
+    assert sum(scores["values"].values()) + scores["lookalikes"] >= 200  # type: ignore[union-attr, operator]
+    for kind in ("card", "cvv", "password", "national_id"):
+        assert recall[kind] >= 0.98, (kind, scores["missed"])
+    assert scores["recall_overall"] >= 0.90
+    assert scores["false_positive_rate"] <= 0.02, scores["false_positives"]
+
+
+@pytest.mark.parametrize(
+    "text", ["a dot " * 20_000, "1-" * 50_000, "password is " * 10_000, "ab:" * 30_000, "[card] " * 20_000]
+)
+def test_new_rules_are_not_quadratic(text: str) -> None:
+    start = time.perf_counter()
+    redact(text)
+    assert time.perf_counter() - start < 10
+
+
+def test_nothing_reaches_the_database_exports_or_training_pairs_in_clear(tmp_path) -> None:
+    import io
+
+    from chatbot.store import ConversationStore
+
+    secrets = ["4111.1111.1111.1111", "Hunter2!Secret", "482913", "123-45-6789", "jane dot doe at example dot com"]
+    message = (
+        "card 4111.1111.1111.1111 exp 12/27 cvv 123, my password is Hunter2!Secret, the code is 482913, "
+        "SSN 123-45-6789, mail jane dot doe at example dot com"
+    )
+    store = ConversationStore(tmp_path / "c.sqlite3")
+    cid = store.create_conversation()
+    store.add_message(cid, "user", message)
+    answer = store.add_message(cid, "assistant", "Thanks, sorted.", mode="faq", question=message)
+    store.add_feedback(answer, "up", message)
+    store.add_correction(answer, f"Done. {message}")
+    store.add_unanswered(message, conversation_id=cid, message_id=answer, top_score=0.1, reason="handoff")
+    buffer = io.StringIO()
+    store.export_csv(buffer)
+    pairs = repr(store.training_pairs())
+    unanswered = repr(store.unanswered())
+    store.close()
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for secret in secrets:
+        assert secret.encode() not in stored
+        assert secret not in buffer.getvalue() and secret not in pairs and secret not in unanswered

@@ -10,7 +10,7 @@ waiting for a generation slot) and the event loop never blocks.
 | ``POST /api/chat`` (JSON, or SSE with ``"stream": true``), ``POST /api/feedback`` | none; chat is rate-limited per client |
 | ``GET /api/suggestions``, ``GET /api/health`` | none |
 | ``POST /api/handoff/contact``, ``POST /api/handoff/replies`` (``ui.api_handoff``) | the conversation's token |
-| ``GET/POST /api/kb/entries``, ``GET/PUT/DELETE /api/kb/entries/{id}``, ``POST /api/kb/upload``, ``GET /api/kb/search`` | API key or admin login |
+| ``GET/POST /api/kb/entries``, ``GET/PUT/DELETE /api/kb/entries/{id}``, ``POST /api/kb/upload``, ``GET /api/kb/search``, ``GET /api/kb/held``, ``POST /api/kb/entries/{id}/approve`` | API key or admin login |
 | ``GET/POST /api/kb/examples``, ``DELETE /api/kb/examples/{id}`` (labelled examples) | API key or admin login |
 | ``GET /api/conversations/export.csv``, ``GET /api/conversations/examples.csv`` | API key or admin login |
 | ``POST /v1/chat/completions``, ``GET /v1/models`` | none, or the API key when ``server.api_key`` is set |
@@ -279,7 +279,7 @@ class ChatResponse(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    message_id: int = Field(description="`message_id` of the answer being rated")
+    message_id: int = Field(ge=1, le=2**63 - 1, description="`message_id` of the answer being rated")
     conversation_token: str = Field(description="the `conversation_token` of the answer's conversation")
     rating: Literal["up", "down"]
     comment: str = Field("", max_length=MAX_COMMENT_CHARS)
@@ -355,6 +355,21 @@ class UploadReport(BaseModel):
     answers_pending: int = Field(
         0, description="entries searchable by their questions, whole-entry vectors still embedding in the background"
     )
+    held: list[dict[str, str]] = Field(
+        default_factory=list, description="stored but held for review, never served until approved: id and reason"
+    )
+
+
+class HeldEntry(Entry):
+    reason: str
+
+
+class HeldList(BaseModel):
+    held: list[HeldEntry]
+
+
+class Approved(BaseModel):
+    approved: list[str]
 
 
 class ExampleBody(BaseModel):
@@ -753,6 +768,21 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth, gu
         entry_id = written[0] if written else body.id or content_id(normalize_text(body.question))
         entry = await call(engine.kb.get, entry_id)
         return {"entry": entry.to_dict(), "created": bool(report.added_ids)}
+
+    @kb_routes.get("/held", response_model=HeldList, responses=AUTH_ERRORS)
+    async def held_entries() -> dict[str, Any]:
+        """Entries held for review (they address an assistant or ask customers for secrets), with why."""
+        held = await call(engine.kb.held)
+        entries = await call(engine.kb.store.get_many, list(held))
+        return {"held": [{**e.to_dict(), "reason": held[e.id]} for e in entries]}
+
+    @kb_routes.post("/entries/{entry_id:path}/approve", response_model=Approved, responses=AUTH_ERRORS)
+    async def approve_entry(entry_id: str) -> dict[str, Any]:
+        """Serve a held entry from now on (after reading it)."""
+        approved = await call(engine.kb.approve, [entry_id])
+        if not approved:
+            raise NotFoundError(f"no held entry with id {entry_id!r}", fix="GET /api/kb/held lists them")
+        return {"approved": approved}
 
     @kb_routes.get("/entries/{entry_id:path}", response_model=Entry, responses=AUTH_ERRORS)
     async def get_entry(entry_id: str) -> dict[str, Any]:

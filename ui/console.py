@@ -70,6 +70,7 @@ STATUS_CHOICES = [ALL, "Enabled", "Disabled"]
 MODE_COLORS = {"faq": "#0d9488", "clarify": "#6366f1", "generated": "#f59e0b", "handoff": "#ef4444"}
 ENTRY_COLUMNS = ["id", "category", "question", "phrasings", "answer", "tags", "enabled", "hits"]
 PROBLEM_COLUMNS = ["where", "problem", "fix"]
+HELD_COLUMNS = ["id", "why it is held", "question", "answer"]
 HIT_COLUMNS = ["rank", "id", "question", "matched phrasing", "score", "dense", "lexical"]
 CLUSTER_COLUMNS = ["#", "questions", "about", "wordings", "last asked"]
 LOW_RATED_COLUMNS = ["rated", "question", "answer", "mode", "comment", "corrected"]
@@ -342,11 +343,17 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
         cats = sorted({e.category for e in entries if e.category})
         shown = filter_entries(entries, text, category, status)
         choice = category if category in cats else ALL
+        held = kb.held()
+        by_id = {e.id: e for e in entries}
+        held_rows = [[i, r, by_id[i].question, by_id[i].answer] for i, r in held.items() if i in by_id]
         return (
             entries_table(shown),
             stats_text(),
             gr.update(choices=[ALL, *cats], value=choice),
             f"{len(shown)} of {len(entries)} entries shown",
+            gr.update(visible=bool(held_rows)),
+            held_rows,
+            gr.update(choices=[row[0] for row in held_rows], value=held_rows[0][0] if held_rows else None),
         )
 
     gr.Markdown("Upload, edit and test the FAQ the chat answers from. Changes are live in the chat at once.")
@@ -369,6 +376,18 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
         upload_problems = gr.Dataframe(
             headers=PROBLEM_COLUMNS, label="Problems", visible=False, wrap=True, interactive=False, max_height=300
         )
+
+    with gr.Accordion("Held for review", open=True, visible=False, elem_id="sb-held") as held_box:
+        gr.Markdown(
+            "These entries address the assistant or ask customers for a secret (card number, CVV, password, "
+            "PIN, one-time code). They are stored but **never served** until you read and approve them; "
+            "editing one re-checks it."
+        )
+        held_table = gr.Dataframe(headers=HELD_COLUMNS, interactive=False, wrap=True, max_height=260)
+        with gr.Row():
+            held_pick = gr.Dropdown(label="Entry", choices=[], scale=3)
+            approve_button = gr.Button("Approve: serve it in the chat", variant="primary", scale=1)
+        approve_message = gr.Markdown()
 
     gr.Markdown("### Entries")
     with gr.Row():
@@ -428,7 +447,17 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
             )
 
     filters = [search, category, status]
-    refreshed = [table, stats_md, category, shown_count]
+    refreshed = [table, stats_md, category, shown_count, held_box, held_table, held_pick]
+
+    def approve(entry_id: str | None, *filter_values: Any) -> tuple[Any, ...]:
+        approved = kb.approve([entry_id]) if entry_id else []
+        text = (
+            f"✅ Approved `{html.escape(entry_id or '')}`: the chat serves it now."
+            if approved
+            else "Nothing to approve."
+        )
+        return (text, *refresh(*filter_values))
+
     editor_fields = [
         editing,
         editor_title,
@@ -505,6 +534,8 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
                 f" Ranking is being refined in the background: {report.answers_pending} entries are still "
                 "matched by their questions alone (a minute or two per 10,000 entries)."
             )
+        if report.held:
+            text += f"\n\n⚠️ {len(report.held)} entries are held for review (see below): they are not served yet."
         if report.skipped:
             text += f"\n\n⚠️ {len(report.skipped)} bad rows were skipped:"
         problems = gr.update(value=problems_table(report.skipped), visible=bool(report.skipped))
@@ -646,6 +677,7 @@ def _kb_tab(engine: Any, kb: Any) -> LoadSpec:
     confirm_delete.click(
         delete, [editing, *filters], [*editor_fields, editor_message, *refreshed], api_visibility="private"
     )
+    approve_button.click(approve, [held_pick, *filters], [approve_message, *refreshed], api_name="kb_approve")
     export_button.click(export, [export_format], [export_file], api_visibility="private")
     probe_button.click(test_retrieval, [probe], [probe_decision, probe_hits], api_name="kb_test")
     probe.submit(test_retrieval, [probe], [probe_decision, probe_hits], api_visibility="private")
