@@ -392,8 +392,9 @@ def test_answers_stream_and_the_conversation_is_remembered(engine: ChatEngine) -
     histories = [s[1] for s in steps]
     assert histories[0][-1] == {"role": "user", "content": question}  # the question shows at once
     assert histories[1][-1]["content"] == "…"  # then a typing marker
-    partial = [h[-1]["content"] for h in histories[2:-1]]
+    partial = [h[-1]["content"] for h in histories[2:-2]]
     assert partial and all(p.endswith("▍") for p in partial)  # checked sentences stream in
+    assert histories[-2] == histories[-1]  # the final text, then (the same) with its thumbs
     final_history, session = steps[-1][1], steps[-1][2]
     assert final_history[0] == {"role": "user", "content": question}
     assert "<details class='sb-sources'>" in final_history[-1]["content"]
