@@ -24,7 +24,10 @@ from typing import Any
 from chatbot import learning
 from chatbot.followup import resolve_followup
 from chatbot.generation import Generator
+from chatbot.generation_policy import GenerationSwitch
 from chatbot.grounding import grounding_score, is_refusal, leaks
+from chatbot.guarded_stream import GuardCheck, SentenceGuard
+from chatbot.handoff import Handoff
 from chatbot.policy import THRESHOLD_FIELDS, Decision, decide
 from chatbot.prompts import build_messages, load_prompt
 from chatbot.settings import SECRET_FIELDS, PolicySettings, Settings
@@ -63,6 +66,8 @@ class Answer:
     model: str | None = None
     adapter: str | None = None
     reason: str = ""
+    ticket_id: int | None = None
+    """The hand-off ticket (`chatbot.handoff`) a ``handoff`` answer opened or joined."""
 
     def to_dict(self) -> dict[str, Any]:
         """The CLI ``chat`` JSON (DESIGN.md) plus ids, options and citations."""
@@ -120,9 +125,11 @@ class ChatEngine:
         self._base_embedder = kb.embedder if kb.retriever_version is None else None
         self._retriever_failed: object = _NOT_FAILED  # a version that failed to load is not retried per question
         self._system_prompt = load_prompt("system")
+        self.generation = GenerationSwitch()
+        self.handoff = Handoff(settings, store)
         self._secrets = [
             str(getattr(getattr(settings, section), name))
-            for section in ("model", "server")
+            for section in ("model", "server", "handoff")
             for name in SECRET_FIELDS
             if getattr(getattr(settings, section), name, "")
         ]
@@ -181,14 +188,16 @@ class ChatEngine:
 
     @property
     def policy(self) -> PolicySettings:
-        """The policy settings with the thresholds calibrated for the active retriever version,
-        unless ``policy.pin_thresholds`` keeps the configured ones."""
-        configured = self.settings.policy
+        """The policy settings in force: the thresholds calibrated for the active retriever version
+        (unless ``policy.pin_thresholds`` keeps the configured ones), and ``generate`` resolved from
+        ``policy.generation`` (auto/on/off)."""
+        policy = self.settings.policy
         thresholds = self.kb.retriever_thresholds
-        if configured.pin_thresholds or not thresholds:
-            return configured
-        changes = {k: float(thresholds[k]) for k in THRESHOLD_FIELDS if k in thresholds}
-        return dataclasses.replace(configured, **changes)  # type: ignore[arg-type]
+        if thresholds and not policy.pin_thresholds:
+            changes = {k: float(thresholds[k]) for k in THRESHOLD_FIELDS if k in thresholds}
+            policy = dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
+        on = self.generation.verdict(self.settings).on
+        return policy if policy.generate == on else dataclasses.replace(policy, generate=on)
 
     @property
     def _retrieval_k(self) -> int:
@@ -244,24 +253,47 @@ class ChatEngine:
         text, mode, used = "", decision.mode, decision.hits
         model = adapter = None
         if mode == "generated":
-            chunks: list[str] = []
+            # Only text the guard accepted reaches the customer (chatbot.guarded_stream).
+            guard = SentenceGuard(self._guard_check(question, used))
+            draft = self._generate(question, used, conversation_id)
             try:
-                for chunk in self._generate(question, used, conversation_id):
-                    chunks.append(chunk)
-                    yield StreamEvent("delta", chunk)
+                for chunk in draft:
+                    shown = guard.feed(chunk)
+                    if shown:
+                        yield StreamEvent("delta", shown)
+                    if guard.stopped:
+                        break
+                shown = guard.finish()
+                if shown:
+                    yield StreamEvent("delta", shown)
             except SupportBotError as exc:
                 decision = Decision(decision.mode, used, f"generation failed: {exc.message}")
-                chunks = []
-            text = "".join(chunks).strip()
+            finally:
+                close = getattr(draft, "close", None)
+                if close is not None:
+                    close()  # a stopped draft stops its generation thread
             model, adapter = self._generator.name if self._generator else None, self._adapter_version
-            text, mode, used, reason = self._check_generated(text, question, used, hits, decision, policy)
-            decision = Decision(mode, used, reason)
+            if guard.released.strip():
+                text = guard.released.strip()
+                grounded = grounding_score(text, [f"{h.entry.question} {h.entry.answer}" for h in used], question)
+                reason = f"{decision.reason}; grounding {grounded:.2f}"
+                if guard.withheld.strip() or guard.stopped:
+                    reason += f"; the guard withheld the rest of the draft ({guard.last_reason})"
+                decision = Decision("generated", used, reason)
+            else:
+                text, mode, used, reason = self._check_generated(
+                    (guard.released + guard.withheld).strip(), question, used, hits, decision, policy
+                )
+                if guard.stopped:
+                    text, mode, used, reason = self._fallback(hits, f"leaks the {guard.last_reason}", leaked=True)
+                decision = Decision(mode, used, reason)
+            mode = decision.mode
         if mode == "faq":
             text = used[0].entry.answer
         elif mode == "clarify":
             text = "Did you mean one of these?\n" + "\n".join(f"- {h.entry.question}" for h in used)
         elif mode == "handoff":
-            text = self.settings.policy.handoff_message
+            text = self.handoff.message()
         latency = (time.perf_counter() - start) * 1000
         message_id = self.store.add_message(
             conversation_id,
@@ -283,7 +315,10 @@ class ChatEngine:
                 top_score=hits[0].score if hits else None,
                 reason="handoff",
             )
-        elif mode in ("faq", "generated"):
+            ticket_id: int | None = self.handoff.open_ticket(conversation_id, message_id, question).id
+        else:
+            ticket_id = None
+        if mode in ("faq", "generated"):
             self.kb.record_hits([used[0].entry.id])
         answer = Answer(
             text=text,
@@ -299,6 +334,7 @@ class ChatEngine:
             model=model,
             adapter=adapter,
             reason=decision.reason,
+            ticket_id=ticket_id,
         )
         if mode != "generated":
             yield StreamEvent("delta", text)
@@ -334,6 +370,31 @@ class ChatEngine:
         if text and not leaked and not is_refusal(text) and grounded >= policy.grounding_threshold:
             return text, "generated", used, f"{decision.reason}; grounding {grounded:.2f}"
         why = f"leaks the {leaked}" if leaked else "refused" if is_refusal(text) else f"grounding {grounded:.2f}"
+        return self._fallback(hits, why, leaked=bool(leaked))
+
+    def _guard_check(self, question: str, used: list[SearchHit]) -> Callable[[str], GuardCheck]:
+        """The whole-answer checks of `_check_generated`, applied to each prefix the guard may show."""
+        sources = [f"{h.entry.question} {h.entry.answer}" for h in used]
+        threshold = self.settings.policy.grounding_threshold
+
+        def check(text: str) -> GuardCheck:
+            leaked = leaks(text, system_prompt=self._system_prompt, secrets=self._secrets)
+            if leaked:
+                return GuardCheck(False, leaked, stop=True)
+            if is_refusal(text):
+                return GuardCheck(False, "refused")
+            grounded = grounding_score(text, sources, question)
+            if grounded < threshold:
+                return GuardCheck(False, f"grounding {grounded:.2f}")
+            return GuardCheck(True)
+
+        return check
+
+    def _fallback(
+        self, hits: list[SearchHit], why: str, *, leaked: bool = False
+    ) -> tuple[str, str, list[SearchHit], str]:
+        """The best entry when it is close enough to the FAQ threshold, else a hand-off."""
+        policy = self.policy  # the active retriever version's thresholds
         top = hits[0] if hits else None
         middle = (policy.relevance_threshold + policy.faq_threshold) / 2
         if top is not None and top.score >= middle and not leaked:

@@ -45,7 +45,9 @@ from knowledge_base.errors import IngestError, Problem, SupportBotError
 from knowledge_base.export import EXPORT_FORMATS, render_entries
 from ui.chat_page import CSS as CHAT_CSS
 from ui.chat_page import HEAD, theme
+from ui.console_handoffs import build_handoffs_tab
 from ui.console_learning import build_learning_tab
+from ui.console_settings import build_settings_tab
 from ui.jobs import JobRunner
 
 __all__ = [
@@ -366,11 +368,15 @@ def build_console(
                 kb_parts = _kb_tab(engine, kb)
             with gr.Tab("Insights", id="insights"):
                 insight_parts = _insights_tab(engine, kb, store)
+            with gr.Tab("Hand-offs", id="handoffs"):
+                handoff_parts = build_handoffs_tab(engine)
             with gr.Tab("Resolved questions", id="learning"):
                 learning_parts = build_learning_tab(engine)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft_parts = _finetune_tab(engine, kb, store, settings, registry, runner)
-        for load in (kb_parts, insight_parts, learning_parts, ft_parts):
+            with gr.Tab("Settings", id="settings"):
+                settings_parts = build_settings_tab(engine)
+        for load in (kb_parts, insight_parts, handoff_parts, learning_parts, ft_parts, settings_parts):
             console.load(load[0], load[1], load[2], api_visibility="private")
     return console
 
@@ -1162,7 +1168,12 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         return f"▶️ Started `{html.escape(name.strip())}`. Progress shows below; the chat keeps answering meanwhile."
 
     def stop() -> str:
-        return "Stopping: a checkpoint is saved first." if runner.cancel() else "No run is in progress."
+        # What the run really kept is known once it has stopped: the status line says it then.
+        return (
+            "Stopping: the run saves a checkpoint if it has trained a step…"
+            if runner.cancel()
+            else "No run is in progress."
+        )
 
     def poll(seen: str) -> tuple[Any, ...]:
         status = runner.status()
