@@ -21,6 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from chatbot.runtime import SERVING_COMMANDS, apply_threads
 from chatbot.settings import Settings, load_settings
 from knowledge_base.errors import SupportBotError
 from knowledge_base.private import restrict_umask
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = restrict_umask()  # the data dir holds conversations and credentials: files 0600, folders 0700
     try:
         settings = load_settings(config_file=args.config, overrides=_overrides(args))
+        # Before any model loads: torch's default threads collapse on a busy machine (chatbot.runtime).
+        apply_threads(settings, serving=args.command in SERVING_COMMANDS, env=os.environ)
         code: int = args.func(args, settings)
         return code
     except SupportBotError as exc:

@@ -13,6 +13,7 @@ of ``server.generation_concurrency`` slots and queue for the rest (a batching ge
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -23,10 +24,13 @@ from typing import Any
 from chatbot import learning
 from chatbot.followup import resolve_followup
 from chatbot.generation import Generator
+from chatbot.generation_policy import GenerationSwitch
 from chatbot.grounding import grounding_score, is_refusal, leaks
-from chatbot.policy import Decision, decide
+from chatbot.guarded_stream import GuardCheck, SentenceGuard
+from chatbot.handoff import Handoff
+from chatbot.policy import THRESHOLD_FIELDS, Decision, decide
 from chatbot.prompts import build_messages, load_prompt
-from chatbot.settings import SECRET_FIELDS, Settings
+from chatbot.settings import SECRET_FIELDS, PolicySettings, Settings
 from chatbot.store import ConversationStore
 from knowledge_base.entry import normalize_text
 from knowledge_base.errors import NotFoundError, SupportBotError
@@ -34,6 +38,8 @@ from knowledge_base.kb import KnowledgeBase
 from knowledge_base.retriever import SearchHit
 
 __all__ = ["MAX_MESSAGE_CHARS", "Answer", "ChatEngine", "StreamEvent"]
+
+_NOT_FAILED = object()
 
 MAX_MESSAGE_CHARS = 4000
 #: Fields of an answer kept from public clients (see :meth:`Answer.public_dict`).
@@ -60,6 +66,8 @@ class Answer:
     model: str | None = None
     adapter: str | None = None
     reason: str = ""
+    ticket_id: int | None = None
+    """The hand-off ticket (`chatbot.handoff`) a ``handoff`` answer opened or joined."""
 
     def to_dict(self) -> dict[str, Any]:
         """The CLI ``chat`` JSON (DESIGN.md) plus ids, options and citations."""
@@ -113,10 +121,15 @@ class ChatEngine:
         self._generator_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.server.generation_concurrency)
         self._adapter_version: str | None = None
+        # What a rollback to "no retriever version" serves: the embedder the engine was given.
+        self._base_embedder = kb.embedder if kb.retriever_version is None else None
+        self._retriever_failed: object = _NOT_FAILED  # a version that failed to load is not retried per question
         self._system_prompt = load_prompt("system")
+        self.generation = GenerationSwitch()
+        self.handoff = Handoff(settings, store)
         self._secrets = [
             str(getattr(getattr(settings, section), name))
-            for section in ("model", "server")
+            for section in ("model", "server", "handoff")
             for name in SECRET_FIELDS
             if getattr(getattr(settings, section), name, "")
         ]
@@ -155,16 +168,48 @@ class ChatEngine:
         assert final is not None
         return final
 
+    # -- the retriever version and the thresholds that go with it ---------------------------------
+    def sync_retriever(self) -> None:
+        """Pick up a retriever version activated or rolled back in the console or CLI, without a
+        restart: the knowledge base re-embeds in the background and swaps when ready (searches are
+        served by the old version meanwhile). Costs one small JSON read per question."""
+        from knowledge_base.retrievers import RetrieverRegistry, serve_version
+
+        if self.kb.swapping:
+            return
+        active = RetrieverRegistry(self.settings.data_dir).active()
+        wanted = active.version if active else None
+        if wanted != self.kb.retriever_version and wanted != self._retriever_failed:
+            try:
+                serve_version(self.kb, active, self.settings.kb, base=self._base_embedder)
+            except SupportBotError:
+                self._retriever_failed = wanted
+                raise
+
+    @property
+    def policy(self) -> PolicySettings:
+        """The policy settings in force: the thresholds calibrated for the active retriever version
+        (unless ``policy.pin_thresholds`` keeps the configured ones), and ``generate`` resolved from
+        ``policy.generation`` (auto/on/off)."""
+        policy = self.settings.policy
+        thresholds = self.kb.retriever_thresholds
+        if thresholds and not policy.pin_thresholds:
+            changes = {k: float(thresholds[k]) for k in THRESHOLD_FIELDS if k in thresholds}
+            policy = dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
+        on = self.generation.verdict(self.settings).on
+        return policy if policy.generate == on else dataclasses.replace(policy, generate=on)
+
     @property
     def _retrieval_k(self) -> int:
         return max(self.settings.kb.top_k, self.settings.policy.max_clarify_options)
 
     def retrieve(self, question: str) -> list[SearchHit]:
+        self.sync_retriever()
         return self.kb.search(question, self._retrieval_k)
 
     def decide(self, question: str) -> tuple[list[SearchHit], Decision]:
         hits = self.retrieve(question)
-        return hits, decide(question, hits, self.settings.policy)
+        return hits, decide(question, hits, self.policy)
 
     def _previous_questions(self, conversation_id: str) -> list[str]:
         history = self.store.history(conversation_id, limit=2 * self.settings.policy.history_turns)
@@ -198,32 +243,57 @@ class ChatEngine:
         previous = self._previous_questions(conversation_id)
         self.store.add_message(conversation_id, "user", message)
 
+        self.sync_retriever()
+        policy = self.policy  # one version's thresholds for the whole answer
         question, hits = resolve_followup(message, previous, self.kb.search, self._retrieval_k)
-        decision = decide(question, hits, self.settings.policy)
+        decision = decide(question, hits, policy)
         if not len(self.kb):
             decision = Decision("handoff", [], "the knowledge base is empty")
 
         text, mode, used = "", decision.mode, decision.hits
         model = adapter = None
         if mode == "generated":
-            chunks: list[str] = []
+            # Only text the guard accepted reaches the customer (chatbot.guarded_stream).
+            guard = SentenceGuard(self._guard_check(question, used))
+            draft = self._generate(question, used, conversation_id)
             try:
-                for chunk in self._generate(question, used, conversation_id):
-                    chunks.append(chunk)
-                    yield StreamEvent("delta", chunk)
+                for chunk in draft:
+                    shown = guard.feed(chunk)
+                    if shown:
+                        yield StreamEvent("delta", shown)
+                    if guard.stopped:
+                        break
+                shown = guard.finish()
+                if shown:
+                    yield StreamEvent("delta", shown)
             except SupportBotError as exc:
                 decision = Decision(decision.mode, used, f"generation failed: {exc.message}")
-                chunks = []
-            text = "".join(chunks).strip()
+            finally:
+                close = getattr(draft, "close", None)
+                if close is not None:
+                    close()  # a stopped draft stops its generation thread
             model, adapter = self._generator.name if self._generator else None, self._adapter_version
-            text, mode, used, reason = self._check_generated(text, question, used, hits, decision)
-            decision = Decision(mode, used, reason)
+            if guard.released.strip():
+                text = guard.released.strip()
+                grounded = grounding_score(text, [f"{h.entry.question} {h.entry.answer}" for h in used], question)
+                reason = f"{decision.reason}; grounding {grounded:.2f}"
+                if guard.withheld.strip() or guard.stopped:
+                    reason += f"; the guard withheld the rest of the draft ({guard.last_reason})"
+                decision = Decision("generated", used, reason)
+            else:
+                text, mode, used, reason = self._check_generated(
+                    (guard.released + guard.withheld).strip(), question, used, hits, decision, policy
+                )
+                if guard.stopped:
+                    text, mode, used, reason = self._fallback(hits, f"leaks the {guard.last_reason}", leaked=True)
+                decision = Decision(mode, used, reason)
+            mode = decision.mode
         if mode == "faq":
             text = used[0].entry.answer
         elif mode == "clarify":
             text = "Did you mean one of these?\n" + "\n".join(f"- {h.entry.question}" for h in used)
         elif mode == "handoff":
-            text = self.settings.policy.handoff_message
+            text = self.handoff.message()
         latency = (time.perf_counter() - start) * 1000
         message_id = self.store.add_message(
             conversation_id,
@@ -245,7 +315,10 @@ class ChatEngine:
                 top_score=hits[0].score if hits else None,
                 reason="handoff",
             )
-        elif mode in ("faq", "generated"):
+            ticket_id: int | None = self.handoff.open_ticket(conversation_id, message_id, question).id
+        else:
+            ticket_id = None
+        if mode in ("faq", "generated"):
             self.kb.record_hits([used[0].entry.id])
         answer = Answer(
             text=text,
@@ -261,6 +334,7 @@ class ChatEngine:
             model=model,
             adapter=adapter,
             reason=decision.reason,
+            ticket_id=ticket_id,
         )
         if mode != "generated":
             yield StreamEvent("delta", text)
@@ -282,15 +356,45 @@ class ChatEngine:
             yield from generator.stream(messages)
 
     def _check_generated(
-        self, text: str, question: str, used: list[SearchHit], hits: list[SearchHit], decision: Decision
+        self,
+        text: str,
+        question: str,
+        used: list[SearchHit],
+        hits: list[SearchHit],
+        decision: Decision,
+        policy: PolicySettings,
     ) -> tuple[str, str, list[SearchHit], str]:
         """Keep a generated answer only if it is grounded and leaks nothing; else fall back."""
-        policy = self.settings.policy
         leaked = leaks(text, system_prompt=self._system_prompt, secrets=self._secrets)
         grounded = grounding_score(text, [f"{h.entry.question} {h.entry.answer}" for h in used], question)
         if text and not leaked and not is_refusal(text) and grounded >= policy.grounding_threshold:
             return text, "generated", used, f"{decision.reason}; grounding {grounded:.2f}"
         why = f"leaks the {leaked}" if leaked else "refused" if is_refusal(text) else f"grounding {grounded:.2f}"
+        return self._fallback(hits, why, leaked=bool(leaked))
+
+    def _guard_check(self, question: str, used: list[SearchHit]) -> Callable[[str], GuardCheck]:
+        """The whole-answer checks of `_check_generated`, applied to each prefix the guard may show."""
+        sources = [f"{h.entry.question} {h.entry.answer}" for h in used]
+        threshold = self.settings.policy.grounding_threshold
+
+        def check(text: str) -> GuardCheck:
+            leaked = leaks(text, system_prompt=self._system_prompt, secrets=self._secrets)
+            if leaked:
+                return GuardCheck(False, leaked, stop=True)
+            if is_refusal(text):
+                return GuardCheck(False, "refused")
+            grounded = grounding_score(text, sources, question)
+            if grounded < threshold:
+                return GuardCheck(False, f"grounding {grounded:.2f}")
+            return GuardCheck(True)
+
+        return check
+
+    def _fallback(
+        self, hits: list[SearchHit], why: str, *, leaked: bool = False
+    ) -> tuple[str, str, list[SearchHit], str]:
+        """The best entry when it is close enough to the FAQ threshold, else a hand-off."""
+        policy = self.policy  # the active retriever version's thresholds
         top = hits[0] if hits else None
         middle = (policy.relevance_threshold + policy.faq_threshold) / 2
         if top is not None and top.score >= middle and not leaked:
@@ -332,7 +436,7 @@ class ChatEngine:
 
     def draft_answer(self, question: str) -> str:
         """An answer for a new entry, drafted from related entries for an operator to edit."""
-        hits = [h for h in self.retrieve(question) if h.score >= self.settings.policy.relevance_threshold]
+        hits = [h for h in self.retrieve(question) if h.score >= self.policy.relevance_threshold]
         if not hits:
             return ""
         try:

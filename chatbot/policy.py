@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from chatbot.settings import PolicySettings
 from knowledge_base.retriever import SearchHit
 
-__all__ = ["MODES", "Decision", "decide", "is_multi_part"]
+__all__ = ["MODES", "THRESHOLD_FIELDS", "Decision", "decide", "is_multi_part"]
 
 MODES = ("faq", "clarify", "generated", "handoff")
+#: The settings `supportbot calibrate` tunes, and that a retriever version carries (thresholds.json).
+THRESHOLD_FIELDS = ("relevance_threshold", "faq_threshold", "clarify_margin")
 _MULTI = re.compile(r"\b(and|also|as well as|plus|both)\b|\?.+\?", re.IGNORECASE)
 
 

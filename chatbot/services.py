@@ -39,13 +39,23 @@ def open_knowledge_base(
     """The knowledge base of ``settings.data_dir``. ``background`` (the server) lets large uploads
     return before their whole-entry vectors are embedded; commands leave a complete index."""
     private_dir(settings.data_dir)
-    return KnowledgeBase(
+    from knowledge_base.retrievers import RetrieverRegistry, load_version
+
+    # The active fine-tuned retriever serves after a restart too (unless an embedder is imposed).
+    version = RetrieverRegistry(settings.data_dir).active() if embedder is None else None
+    reranker = None
+    if version is not None:
+        embedder, reranker = load_version(version, settings.kb)
+    kb = KnowledgeBase(
         settings.data_dir / "kb",
         settings.kb,
         embedder or make_embedder(settings.kb),
         progress=progress,
         background=background,
     )
+    if version is not None:
+        kb.reranker, kb.retriever_version, kb.retriever_thresholds = reranker, version.version, version.thresholds
+    return kb
 
 
 def open_conversation_store(settings: Settings) -> ConversationStore:

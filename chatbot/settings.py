@@ -38,9 +38,11 @@ else:  # pragma: no cover
 __all__ = [
     "DEFAULT_MODEL",
     "FinetuneSettings",
+    "HandoffSettings",
     "KBSettings",
     "ModelSettings",
     "PolicySettings",
+    "RuntimeSettings",
     "ServerSettings",
     "Settings",
     "load_settings",
@@ -65,7 +67,7 @@ class ModelSettings:
     cpu_speedup: Literal["none", "int8"] = "none"
     """"int8": dynamic int8 quantization of Linear layers on CPU (faster decode; see benchmarks/chat.py)."""
     threads: int = 0
-    """torch CPU threads; 0 keeps torch's default."""
+    """Older name of ``runtime.threads`` (when above 0 it wins); 0 leaves it to ``runtime.threads``."""
     batching: Literal["auto", "on", "off"] = "auto"
     """Continuous batching of concurrent generations (server.generation_concurrency slots share each
     decode step); "auto": on for CUDA, off on CPU (one generation at a time)."""
@@ -122,8 +124,13 @@ class PolicySettings:
     """Top score below this -> hand off: nothing in the FAQ is relevant."""
     clarify_margin: float = 0.02
     """Top two entries within this margin (both relevant) -> ask "did you mean ...?"."""
+    generation: Literal["auto", "on", "off"] = "auto"
+    """Who answers the band between the thresholds: "on" the LLM (from the top entries), "off"
+    "did you mean" with the relevant entries; "auto" is on with a GPU, a model server or an adapter
+    whose report shows it answers from its entries, off with the base model on a CPU
+    (`chatbot.generation_policy`)."""
     generate: bool = True
-    """Let the LLM answer the middle band from the top entries; False hands it off instead."""
+    """Older switch kept for existing configs: false is the same as generation = "off"."""
     grounding_threshold: float = 0.5
     """A generated answer must overlap its sources at least this much, else it is not shown."""
     max_context_entries: int = 3
@@ -135,6 +142,9 @@ class PolicySettings:
         "(Mon-Fri 8am-8pm ET, Sat 9am-5pm ET)."
     )
     redact_pii: bool = True
+    pin_thresholds: bool = False
+    """Keep these thresholds even when the active retriever version (``supportbot retrievers``)
+    carries thresholds calibrated for it; by default the version's own apply while it serves."""
     """Mask e-mail addresses, phone and card numbers before anything is stored."""
 
     def problems(self) -> list[Problem]:
@@ -194,6 +204,77 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class RuntimeSettings:
+    threads: int = 0
+    """torch/OpenMP CPU threads for everything this process runs (embedder, generator, training);
+    0 = auto: 1 for ``serve``/``chat`` (fast under load), torch's default for batch commands
+    (`chatbot.runtime`)."""
+
+    def problems(self) -> list[Problem]:
+        if self.threads < 0:
+            return [Problem("runtime.threads", "must be >= 0", "0 = auto, 1 for a busy server")]
+        return []
+
+
+@dataclass(frozen=True)
+class HandoffSettings:
+    """What happens after "I've passed your question to our support team" (`chatbot.handoff`)."""
+
+    ask_contact: bool = True
+    """Offer the customer a field for an e-mail address or phone number (optional) after a hand-off."""
+    contact_prompt: str = "Leave an e-mail address or phone number if you'd like a reply (optional)."
+    contact_retention_days: int = 30
+    """A contact left for a reply is kept (unredacted, for that reply only) this many days, then erased."""
+    hours: str = ""
+    """When a person answers, e.g. "Mon-Fri 09:00-17:00, Sat 10:00-14:00"; empty: always."""
+    timezone: str = "UTC"
+    """IANA time zone of ``hours``, e.g. "Europe/Berlin"."""
+    outside_hours_message: str = (
+        "Our team is offline right now (hours: {hours}). We've saved your question and will reply when we're back."
+    )
+    """Shown with a hand-off outside ``hours``; ``{hours}`` is replaced by the setting."""
+    webhook_url: str = ""
+    """POST each new ticket as JSON with a ``text`` field (Slack/Mattermost incoming-webhook compatible)."""
+    smtp_host: str = ""
+    """E-mail each new ticket through this SMTP server (empty: no e-mail)."""
+    smtp_port: int = 587
+    smtp_starttls: bool = True
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_from: str = ""
+    smtp_to: str = ""
+    """Comma-separated addresses of the support team."""
+    max_attempts: int = 8
+    """Deliveries of a notification tried before it is given up (backoff 30 s, 1 min, 2 min...)."""
+
+    def problems(self) -> list[Problem]:
+        from chatbot.business_hours import parse_hours
+
+        out = []
+        if self.contact_retention_days < 1:
+            out.append(Problem("handoff.contact_retention_days", "must be at least 1", "e.g. 30"))
+        try:
+            parse_hours(self.hours)
+        except ValueError as exc:
+            out.append(Problem("handoff.hours", str(exc), 'write e.g. "Mon-Fri 09:00-17:00, Sat 10:00-14:00"'))
+        try:
+            import zoneinfo
+
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            out.append(Problem("handoff.timezone", f"unknown time zone {self.timezone!r}", "e.g. Europe/Berlin or UTC"))
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            out.append(Problem("handoff.webhook_url", "is not an http(s) URL", "paste the incoming-webhook URL"))
+        if self.smtp_host and not (self.smtp_from and self.smtp_to):
+            out.append(Problem("handoff.smtp_from/smtp_to", "are needed with handoff.smtp_host", "set both addresses"))
+        if not 0 < self.smtp_port < 65536:
+            out.append(Problem("handoff.smtp_port", f"{self.smtp_port} is not a TCP port", "e.g. 587 or 25"))
+        if self.max_attempts < 1:
+            out.append(Problem("handoff.max_attempts", "must be at least 1", "e.g. 8"))
+        return out
+
+
+@dataclass(frozen=True)
 class FinetuneSettings:
     rank: int = 16
     alpha: int = 32
@@ -234,6 +315,8 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    handoff: HandoffSettings = field(default_factory=HandoffSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some sections or fields changed: ``s.replace(policy={"faq_threshold": 0.8})``."""
@@ -264,8 +347,10 @@ SECTIONS: dict[str, type] = {
     "policy": PolicySettings,
     "server": ServerSettings,
     "finetune": FinetuneSettings,
+    "handoff": HandoffSettings,
+    "runtime": RuntimeSettings,
 }
-SECRET_FIELDS = {"openai_api_key", "admin_password_hash", "api_key"}
+SECRET_FIELDS = {"openai_api_key", "admin_password_hash", "api_key", "smtp_password", "webhook_url"}
 
 
 def _field_types(cls: type) -> dict[str, Any]:

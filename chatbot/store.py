@@ -136,6 +136,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 3: the client a conversation belongs to: the SHA-256 of its secret token (NULL: no public client)
         "ALTER TABLE conversations ADD COLUMN owner_hash TEXT",
     ),
+    (  # 4: hand-off tickets, the operators' replies, the notification outbox (`chatbot.tickets`)
+        """CREATE TABLE tickets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            message_id INTEGER,
+            question TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'answered', 'closed')),
+            contact TEXT,
+            contact_kind TEXT,
+            contact_expires_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX tickets_by_status ON tickets (status, id)",
+        "CREATE INDEX tickets_by_conversation ON tickets (conversation_id, id)",
+        """CREATE TABLE ticket_replies (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ticket_id INTEGER NOT NULL REFERENCES tickets (id) ON DELETE CASCADE,
+            conversation_id TEXT NOT NULL,
+            text TEXT NOT NULL,
+            operator TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX replies_by_conversation ON ticket_replies (conversation_id, id)",
+        """CREATE TABLE notifications (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ticket_id INTEGER,
+            channel TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            sent_at TEXT
+        )""",
+        "CREATE INDEX notifications_due ON notifications (status, next_attempt_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -53,7 +53,18 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     data.add_argument("--eval", type=Path, metavar="FILE", help="held-out file (default: a split of the entries)")
     data.add_argument("--from-kb", action="store_true", help="every phrasing of every FAQ entry")
     data.add_argument("--from-conversations", action="store_true", help="thumbs-up answers and operator corrections")
-    p.add_argument("--output", required=True, metavar="NAME", help="adapter name (saved under <data-dir>/adapters)")
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="NAME",
+        help="adapter name (saved under <data-dir>/adapters), or retriever name with --retriever",
+    )
+    p.add_argument(
+        "--retriever",
+        action="store_true",
+        help="fine-tune the retriever (embedder + optional reranker) instead of the generator; "
+        "saved under <data-dir>/retrievers (docs/retrieval.md)",
+    )
     hp = p.add_argument_group("training (default: the [finetune] settings)")
     hp.add_argument("--epochs", type=float)
     hp.add_argument("--lr", type=float, help="peak learning rate")
@@ -81,7 +92,23 @@ def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.Ar
     run.add_argument("--eval-items", type=int, default=32, help="answers generated per layout for the metrics (0: all)")
     run.add_argument("--no-answer-eval", action="store_true", help="loss/perplexity only (no generation)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from finetune.retriever import add_retriever_arguments
+
+    add_retriever_arguments(p.add_argument_group("retriever (with --retriever)"))
     p.set_defaults(func=cmd_finetune)
+
+    retrievers = commands.add_parser("retrievers", help="list, activate, roll back or remove fine-tuned retrievers")
+    sub_r = retrievers.add_subparsers(dest="retrievers_command", required=True, metavar="ACTION")
+    r = sub_r.add_parser("list", parents=parents, help="the retriever versions in the data dir")
+    r.set_defaults(func=cmd_retrievers_list)
+    r = sub_r.add_parser("activate", parents=parents, help="serve NAME (a running server re-embeds, then swaps)")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_retrievers_activate)
+    r = sub_r.add_parser("rollback", parents=parents, help="serve the version active before (or the base model)")
+    r.set_defaults(func=cmd_retrievers_rollback)
+    r = sub_r.add_parser("remove", parents=parents, help="delete NAME (not the active one)")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_retrievers_remove)
 
     adapters = commands.add_parser("adapters", help="list, activate, merge or remove LoRA adapters")
     sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
@@ -142,6 +169,8 @@ def _text_summary(result: Any) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    if args.retriever:
+        return cmd_finetune_retriever(args, settings)
     from finetune.train import FinetuneRequest, TrainingInterrupted, init_distributed, run_finetune
 
     settings = settings_from_flags(args, settings)
@@ -221,4 +250,84 @@ def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
     info = _registry(settings).remove(args.name)
     emit(args, {"removed": info.name}, f"removed adapter {info.name}")
+    return 0
+
+
+# -- retrievers ------------------------------------------------------------------------------------
+
+
+def cmd_finetune_retriever(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.retriever import RetrieverRequest, summary_lines
+    from finetune.train import TrainingInterrupted
+
+    request = RetrieverRequest.from_args(args)
+    try:
+        result = request.run(settings, progress_bar=not args.no_progress and sys.stderr.isatty())
+    except TrainingInterrupted as exc:
+        payload = {**exc.to_dict(), "step": exc.step, "total_steps": exc.total_steps, "checkpoint": str(exc.checkpoint)}
+        emit(args, payload, f"{exc}")
+        return 130
+
+    def text() -> str:
+        head = f"retriever {result.name!r} saved in {result.path}" + (" and activated" if result.activated else "")
+        tail = [] if result.activated else [f"serve it with: supportbot retrievers activate {result.name}"]
+        return "\n".join([head, *summary_lines(result.report), *tail])
+
+    emit(args, result.to_dict(), text)
+    return 0
+
+
+def _retrievers(settings: Settings) -> Any:
+    from knowledge_base.retrievers import RetrieverRegistry
+
+    return RetrieverRegistry(settings.data_dir)
+
+
+def cmd_retrievers_list(args: argparse.Namespace, settings: Settings) -> int:
+    versions = _retrievers(settings).list()
+
+    def text() -> str:
+        if not versions:
+            return "no retrievers yet (train one: supportbot finetune --retriever --output NAME)"
+        lines = []
+        for v in versions:
+            info = v.to_dict()
+            p1 = info["p@1_before"], info["p@1_after"]
+            figures = f"  P@1 {p1[0]:.3f} -> {p1[1]:.3f}" if None not in p1 else ""
+            rr = "  +reranker" if info["reranker"] else ""
+            lines.append(f"{'*' if v.active else ' '} {v.name:<24} {v.created_at}{figures}{rr}")
+        return "\n".join(lines)
+
+    active = next((v.name for v in versions if v.active), None)
+    emit(args, {"retrievers": [v.to_dict() for v in versions], "active": active}, text)
+    return 0
+
+
+def cmd_retrievers_activate(args: argparse.Namespace, settings: Settings) -> int:
+    version = _retrievers(settings).activate(args.name)
+    thresholds = ", ".join(f"{k} {v:.2f}" for k, v in version.thresholds.items())
+    pinned = " (pinned by policy.pin_thresholds: not applied)" if settings.policy.pin_thresholds else ""
+    emit(
+        args,
+        {"active": version.name, "version": version.version, "thresholds": version.thresholds},
+        f"serving retriever {version.name} (a running server re-embeds in the background, then swaps)"
+        + (f"\nthresholds: {thresholds}{pinned}" if thresholds else ""),
+    )
+    return 0
+
+
+def cmd_retrievers_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    version = _retrievers(settings).rollback()
+    name = version.name if version else None
+    emit(
+        args,
+        {"active": name},
+        f"serving retriever {name}" if name else "serving the configured embedding model (no retriever version)",
+    )
+    return 0
+
+
+def cmd_retrievers_remove(args: argparse.Namespace, settings: Settings) -> int:
+    version = _retrievers(settings).remove(args.name)
+    emit(args, {"removed": version.name}, f"removed retriever {version.name}")
     return 0

@@ -23,7 +23,9 @@ The pipeline, each step a plain function so the CLI, the web console and the tes
    end-of-turn token. Labels cover the answer and that token only; they are masked by *position*
    (``prompt_len``), not by pad id, because pad = eos in SmolLM2 and the model must learn to stop.
    An example longer than ``max_length`` first loses its lowest-ranked context entries (never the
-   gold one) and earlier turns; if the answer still does not fit, the error names the example.
+   gold one) and earlier turns; if it still does not fit, :func:`fit_examples` (what training uses)
+   grows the budget to the longest example up to the model's context and skips, listing them in the
+   report, the few longer than that; :func:`tokenize_examples` (strict) names them in an error.
 
 Every problem with the data is collected and raised once as a :class:`DataError` naming the file and
 line (``faq.jsonl:12: missing field 'answer'``).
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REFUSAL",
     "DataError",
+    "FittedExamples",
     "PreparedData",
     "QAPair",
     "Retrieve",
@@ -63,6 +66,7 @@ __all__ = [
     "dataset_hash",
     "dedupe",
     "end_of_turn_ids",
+    "fit_examples",
     "lexical_retriever",
     "load_pairs",
     "pairs_from_conversations",
@@ -573,6 +577,27 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [eos] if eos is not None else []
 
 
+def _tokenize_one(
+    ex: SFTExample, tokenizer: PreTrainedTokenizerBase, end: list[int], budget: int
+) -> tuple[list[int], list[int]]:
+    """``(prompt ids, answer ids)`` of ``ex``, shortened to fit ``budget`` where it can be."""
+    from chatbot.models import chat_token_ids
+
+    answer_ids = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + end
+    context, history = list(ex.context), list(ex.history)
+    prompt = chat_token_ids(tokenizer, ex.messages(context, tuple(history)))
+    while len(prompt) + len(answer_ids) > budget:
+        droppable = [i for i, e in enumerate(context) if e.id not in ex.gold_ids or ex.refusal]
+        if droppable and (len(context) > 1 or ex.refusal):
+            del context[droppable[-1]]
+        elif history:
+            del history[: min(2, len(history))]  # one user turn and its answer
+        else:
+            break
+        prompt = chat_token_ids(tokenizer, ex.messages(context, tuple(history)))
+    return prompt, answer_ids
+
+
 def tokenize_examples(
     examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[TokenizedExample]:
@@ -581,24 +606,11 @@ def tokenize_examples(
     An example that is too long loses, in this order, its lowest-ranked non-gold context entries
     and its oldest turns; only if the answer still does not fit is it reported.
     """
-    from chatbot.models import chat_token_ids
-
     end = end_of_turn_ids(tokenizer)
     problems: list[Problem] = []
     out: list[TokenizedExample] = []
     for ex in examples:
-        answer_ids = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) + end
-        context, history = list(ex.context), list(ex.history)
-        prompt = chat_token_ids(tokenizer, ex.messages(context, tuple(history)))
-        while len(prompt) + len(answer_ids) > max_length:
-            droppable = [i for i, e in enumerate(context) if e.id not in ex.gold_ids or ex.refusal]
-            if droppable and (len(context) > 1 or ex.refusal):
-                del context[droppable[-1]]
-            elif history:
-                del history[: min(2, len(history))]  # one user turn and its answer
-            else:
-                break
-            prompt = chat_token_ids(tokenizer, ex.messages(context, tuple(history)))
+        prompt, answer_ids = _tokenize_one(ex, tokenizer, end, max_length)
         total = len(prompt) + len(answer_ids)
         if total > max_length:
             problems.append(
@@ -614,6 +626,47 @@ def tokenize_examples(
     if problems:
         raise DataError(problems, title="examples longer than finetune.max_length")
     return out
+
+
+@dataclass
+class FittedExamples:
+    """What :func:`fit_examples` trained on, the length budget it used and what it left out."""
+
+    examples: list[TokenizedExample]
+    max_length: int
+    """The budget used: ``finetune.max_length``, grown to fit the longest example up to the limit."""
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """``{"source", "layout", "tokens"}`` of each example longer than the model's context."""
+
+    def stats(self, configured: int) -> dict[str, Any]:
+        return {"max_length": configured, "max_length_used": self.max_length, "skipped_too_long": self.skipped}
+
+
+def fit_examples(
+    examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerBase, max_length: int, *, limit: int
+) -> FittedExamples:
+    """Tokenize every example without failing on long ones (#15 item 7).
+
+    Examples that do not fit ``max_length`` even shortened make the budget grow to the longest of
+    them, up to ``limit`` (the model's context); the few longer than that are skipped and listed.
+    One long FAQ answer therefore never blocks a run, and nothing is silently truncated."""
+    end = end_of_turn_ids(tokenizer)
+    fitted: list[tuple[SFTExample, list[int], list[int]]] = []
+    for ex in examples:
+        prompt, answer_ids = _tokenize_one(ex, tokenizer, end, max_length)
+        fitted.append((ex, prompt, answer_ids))
+    longest = max((len(p) + len(a) for _, p, a in fitted), default=0)
+    budget = max(max_length, min(longest, max(limit, max_length)))
+    out: list[TokenizedExample] = []
+    skipped: list[dict[str, Any]] = []
+    for ex, prompt, answer_ids in fitted:
+        if len(prompt) + len(answer_ids) > budget:
+            prompt, answer_ids = _tokenize_one(ex, tokenizer, end, budget)
+            if len(prompt) + len(answer_ids) > budget:
+                skipped.append({"source": ex.source, "layout": ex.layout, "tokens": len(prompt) + len(answer_ids)})
+                continue
+        out.append(TokenizedExample(tuple(prompt + answer_ids), len(prompt), ex.source, ex.layout))
+    return FittedExamples(out, budget, skipped)
 
 
 def dataset_hash(examples: Sequence[TokenizedExample]) -> str:

@@ -342,6 +342,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"entries, {data.get('eval_examples', '?')} eval examples ({data.get('eval_groups', '?')} entries); "
             f"layout {data.get('layout', '?')}; dataset hash `{str(report.get('dataset_hash', ''))[:12]}`"
         )
+        length = data.get("length") or {}
+        if length and length.get("max_length_used") != length.get("max_length"):
+            lines.append(
+                f"- length budget grown from {length.get('max_length')} to {length.get('max_length_used')} tokens "
+                "to fit the longest examples"
+            )
+        skipped = [*length.get("skipped_too_long", []), *length.get("eval_skipped_too_long", [])]
+        if skipped:
+            listed = ", ".join(f"{s['source']} ({s['layout']}, {s['tokens']} tokens)" for s in skipped)
+            lines.append(f"- skipped, longer than the model's context: {listed}")
     if train:
         lines.append(
             f"- training: {train.get('steps', '?')} steps in {float(train.get('seconds', 0)):.0f} s, "

@@ -760,9 +760,9 @@ def run_finetune(
     from finetune.data import (
         DataError,
         dataset_hash,
+        fit_examples,
         load_pairs,
         prepare_data,
-        tokenize_examples,
     )
     from finetune.lora import adapter_metadata, apply_lora, save_adapter
     from knowledge_base.errors import Problem
@@ -818,8 +818,16 @@ def run_finetune(
     loaded = load_model(settings.model, settings.data_dir, for_training=True)
     tokenizer = loaded.tokenizer
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    train_tok = tokenize_examples(data.train, tokenizer, ft.max_length)
-    eval_tok = tokenize_examples(data.eval, tokenizer, ft.max_length) if data.eval else []
+    # Long examples grow the budget up to the model's context; longer ones are skipped and listed.
+    limit = min(settings.model.context_window, int(getattr(loaded.model.config, "max_position_embeddings", 0) or 10**9))
+    fitted = fit_examples(data.train, tokenizer, ft.max_length, limit=limit)
+    fitted_eval = fit_examples(data.eval, tokenizer, fitted.max_length, limit=limit)
+    train_tok, eval_tok = fitted.examples, fitted_eval.examples
+    data.stats["length"] = {**fitted.stats(ft.max_length), "eval_skipped_too_long": fitted_eval.skipped}
+    if not train_tok:
+        raise DataError(
+            [Problem("training data", "every example is longer than the model's context", "shorten the answers")]
+        )
     fingerprint = dataset_hash(train_tok)
     run_dir.mkdir(parents=True, exist_ok=True)
     for split, examples in (("train", data.train), ("eval", data.eval)) if main else ():

@@ -11,6 +11,11 @@ whole-entry vectors, the larger half of the embedding work, follow in a backgrou
 (`KnowledgeBase.wait_for_answers` waits for it); a process that stops first leaves them missing in
 the saved index, and the next open resumes. Commands open with ``background=False``: complete
 before they return.
+
+A fine-tuned retriever version (`knowledge_base.retrievers`) is put in service with
+`KnowledgeBase.use_retriever`: a new dense index is embedded with the new model in a background
+thread while the old pair keeps answering, then embedder, index, reranker and thresholds are
+swapped together under the write lock, so a search sees the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from knowledge_base.export import export_entries
 from knowledge_base.index import DenseIndex, LexicalIndex, VectorKey
 from knowledge_base.loaders import load_faq_bytes, load_faq_file
 from knowledge_base.private import private_dir
-from knowledge_base.retriever import SearchHit, rank
+from knowledge_base.retriever import Reranker, Searcher, SearchHit, rank, rerank
 from knowledge_base.rwlock import ReadWriteLock
 from knowledge_base.settings import KBSettings
 from knowledge_base.store import EntryStore, UpsertReport
@@ -124,6 +129,14 @@ class KnowledgeBase:
         atexit.register(self.flush)  # a pending background save is not lost when a CLI process ends
         self.dense: DenseIndex | None = None
         self.lexical = LexicalIndex()
+        # The retriever version in service (None: the configured embedder), its reranker and the
+        # policy thresholds calibrated for it; swapped with ``embedder`` and ``dense`` as one.
+        self.reranker: Reranker | None = None
+        self.retriever_version: str | None = None
+        self.retriever_thresholds: dict[str, float] = {}
+        self.rerank_top = 10
+        self._swap_thread: threading.Thread | None = None
+        self._swap_error: BaseException | None = None
         self._open_indexes()
         if self.settings.answer_weight > 0:  # a process that stopped during a background fill left some
             assert self.dense is not None
@@ -136,7 +149,12 @@ class KnowledgeBase:
 
     # -- opening and rebuilding -----------------------------------------------------------------
     def _vector_texts(
-        self, entries: Sequence[FAQEntry], *, questions: bool = True, answers: bool = True
+        self,
+        entries: Sequence[FAQEntry],
+        *,
+        questions: bool = True,
+        answers: bool = True,
+        embedder: Embedder | None = None,
     ) -> list[list[tuple[str, str]]]:
         """Per entry, the (kind, text) pairs it has vectors for: "q" for each question phrasing,
         "a" for question + answer (cut to ``kb.answer_tokens`` tokens) unless ``answer_weight`` is 0."""
@@ -144,7 +162,7 @@ class KnowledgeBase:
         if answers and self.settings.answer_weight > 0:
             whole = [f"{entry.question}\n{entry.answer}" for entry in entries]
             if self.settings.answer_tokens:
-                whole = self.embedder.truncate(whole, self.settings.answer_tokens)
+                whole = (embedder or self.embedder).truncate(whole, self.settings.answer_tokens)
             for pairs, text in zip(texts, whole, strict=True):
                 pairs.append(("a", text))
         return texts
@@ -205,11 +223,18 @@ class KnowledgeBase:
         return learned | {text_hash(t) for pairs in self._vector_texts(self.store.all()) for _, t in pairs}
 
     def _embed(
-        self, hashes: Sequence[str], texts: Sequence[str], progress: Callable[[int, int], None] | None = None
+        self,
+        hashes: Sequence[str],
+        texts: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        embedder: Embedder | None = None,
     ) -> tuple[np.ndarray, int]:
         """(vectors for ``texts``, how many were embedded): from the cache where possible, new ones
-        embedded and cached. ``hashes`` are the texts' `text_hash` values."""
-        cached = self.store.cached_vectors(self.embedder.name, hashes)
+        embedded and cached. ``hashes`` are the texts' `text_hash` values; ``embedder`` defaults to
+        the one in service."""
+        embedder = embedder or self.embedder
+        cached = self.store.cached_vectors(embedder.name, hashes)
         missing = list(dict.fromkeys(h for h in hashes if h not in cached))
         if missing:
             by_hash = dict(zip(hashes, texts, strict=True))
@@ -222,14 +247,14 @@ class KnowledgeBase:
                     if progress:
                         progress(start + d, len(missing))
 
-                vectors = self.embedder.embed(
+                vectors = embedder.embed(
                     [by_hash[h] for h in part], batch_size=self.settings.embedding_batch_size, progress=step
                 )
                 fresh = dict(zip(part, vectors, strict=True))
-                self.store.cache_vectors(self.embedder.name, fresh)  # a checkpoint: kept if the process dies
+                self.store.cache_vectors(embedder.name, fresh)  # a checkpoint: kept if the process dies
                 cached.update(fresh)
         if not hashes:
-            return np.zeros((0, self.embedder.dim), np.float32), 0
+            return np.zeros((0, embedder.dim), np.float32), 0
         return np.vstack([cached[h] for h in hashes]), len(missing)
 
     def _index_entries(self, entries: Sequence[FAQEntry], *, answers: bool = True) -> int:
@@ -417,11 +442,14 @@ class KnowledgeBase:
                     break
                 entries = [self._entries[i] for i in ids if i in self._entries]
                 total = done + len(self._answers_pending)
-            texts = [pairs[0][1] for pairs in self._vector_texts(entries, questions=False)]
+                embedder = self.embedder
+            texts = [pairs[0][1] for pairs in self._vector_texts(entries, questions=False, embedder=embedder)]
             hashes = [text_hash(t) for t in texts]
-            vectors, _ = self._embed(hashes, texts)
+            vectors, _ = self._embed(hashes, texts, embedder=embedder)
             with self._lock.writing():
                 assert self.dense is not None
+                if self.embedder is not embedder:  # a retriever swap came in between: its index has them
+                    continue
                 keep = [
                     i for i, e in enumerate(entries) if self._entries.get(e.id) is e and e.id in self._answers_pending
                 ]
@@ -462,22 +490,32 @@ class KnowledgeBase:
         query = normalize_text(query)
         if not query:
             return []
-        vector = self.embedder.embed_batch([query])[0] if mode != "bm25" else np.zeros(self.embedder.dim, np.float32)
-        with self._lock.reading():
-            assert self.dense is not None
-            allowed = {i for i, e in self._entries.items() if e.category == category} if category else None
-            return rank(
-                query,
-                vector,
-                dense=self.dense,
-                lexical=self.lexical,
-                entries=self._entries,
-                settings=self.settings,
-                k=k or self.settings.top_k,
-                allowed=allowed,
-                mode=mode,
-                learned=self._learned,
-            )
+        k = k or self.settings.top_k
+        while True:
+            # The query is embedded outside the lock (searches must not hold edits back for it);
+            # if a retriever swap landed meanwhile, the vector belongs to the old model: embed again.
+            embedder = self.embedder
+            vector = embedder.embed_batch([query])[0] if mode != "bm25" else np.zeros(embedder.dim, np.float32)
+            with self._lock.reading():
+                if self.embedder is not embedder:
+                    continue
+                assert self.dense is not None
+                reranker = self.reranker if mode is None else None  # explicit modes show the raw signals
+                allowed = {i for i, e in self._entries.items() if e.category == category} if category else None
+                hits = rank(
+                    query,
+                    vector,
+                    dense=self.dense,
+                    lexical=self.lexical,
+                    entries=self._entries,
+                    settings=self.settings,
+                    k=max(k, self.rerank_top) if reranker is not None else k,
+                    allowed=allowed,
+                    mode=mode,
+                    learned=self._learned,
+                )
+            # The reranker was taken under the same lock as the index: old pair or new pair.
+            return rerank(query, hits, reranker, k) if reranker is not None else hits
 
     def stats(self) -> dict[str, object]:
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
@@ -493,8 +531,164 @@ class KnowledgeBase:
             "categories": self.store.categories(),
             "revision": self.store.revision,
             "embedding_model": self.embedder.name,
+            "retriever": self.retriever_version,
+            "reranker": self.reranker is not None,
+            "retriever_swapping": self.swapping,
             "disk_bytes": size,
         }
+
+    # -- retriever versions -------------------------------------------------------------------------
+    def _build_dense(
+        self,
+        entries: Sequence[FAQEntry],
+        embedder: Embedder,
+        *,
+        extra: Sequence[tuple[str, str]] = (),
+        progress: Callable[[int, int], None] | None = None,
+        learned: bool = True,
+    ) -> DenseIndex:
+        """A new dense index of ``entries`` (every vector kind they have, learned phrasings too
+        unless ``learned`` is False) embedded with ``embedder``; ``extra``: more (entry id,
+        phrasing) vectors of kind "q". Cached vectors are reused and new ones cached under the
+        embedder's name, so a later swap to it embeds nothing."""
+        keys, texts = [], []
+        for entry, pairs in zip(entries, self._vector_texts(entries, embedder=embedder), strict=True):
+            for kind, text in pairs:
+                keys.append(VectorKey(entry.id, kind, text_hash(text)))
+                texts.append(text)
+            for text in self._learned.get(entry.id, {}).values() if learned else ():
+                keys.append(VectorKey(entry.id, "l", text_hash(text)))
+                texts.append(text)
+        for entry_id, text in extra:
+            keys.append(VectorKey(entry_id, "q", text_hash(text)))
+            texts.append(text)
+        dense = DenseIndex(embedder.dim)
+        vectors, _ = self._embed([k.text_hash for k in keys], texts, progress, embedder=embedder)
+        dense.add(keys, vectors)
+        return dense
+
+    def searcher(
+        self,
+        embedder: Embedder | None = None,
+        *,
+        reranker: Reranker | None = None,
+        extra_phrasings: Sequence[tuple[str, str]] = (),
+        exclude_kinds: Sequence[str] = (),
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Searcher:
+        """A ranking of the current entries with ``embedder`` (default: the one in service) over
+        indexes of its own, for evaluating a candidate retriever without serving it.
+
+        ``extra_phrasings``: (entry id, text) added as phrasings (a training split's labelled
+        questions); ``exclude_kinds``: vector kinds left out (e.g. learned phrasings, "l", so that
+        held-out traffic is not in the index verbatim)."""
+        embedder = embedder or self.embedder
+        with self._lock.reading():
+            entries = dict(self._entries)
+        dense = self._build_dense(
+            list(entries.values()), embedder, extra=extra_phrasings, progress=progress, learned="l" not in exclude_kinds
+        )
+        if exclude_kinds:
+            drop = [vid for vid, key in dense.keys.items() if key.kind in exclude_kinds]
+            if drop:
+                dense.index.remove_ids(np.asarray(drop, dtype=np.int64))  # type: ignore[arg-type]
+                for vid in drop:
+                    key = dense.keys.pop(vid)
+                    dense.by_entry[key.entry_id].remove(vid)
+        lexical = LexicalIndex()
+        for entry in entries.values():
+            lexical.add(entry.id, _lexical_text(entry))
+        return Searcher(embedder, dense, lexical, entries, self.settings, reranker=reranker, rerank_top=self.rerank_top)
+
+    @property
+    def swapping(self) -> bool:
+        """A retriever swap is re-embedding in the background."""
+        thread = self._swap_thread
+        return thread is not None and thread.is_alive()
+
+    def use_retriever(
+        self,
+        embedder: Embedder,
+        *,
+        reranker: Reranker | None = None,
+        version: str | None = None,
+        thresholds: dict[str, float] | None = None,
+        wait: bool = False,
+        ready: threading.Event | None = None,
+    ) -> threading.Thread:
+        """Serve ``embedder`` (a retriever version; ``version`` None: the configured model).
+
+        The entries are re-embedded in a background thread while the current embedder and index
+        keep answering; then the new embedder, index, reranker and thresholds replace the old ones
+        in one step under the write lock. Entries edited during the re-embedding are re-embedded
+        under that lock (only they). ``ready`` (tests) is waited for before the swap. A swap
+        already running is waited for first. ``wait`` blocks until the swap is done.
+        """
+        previous = self._swap_thread
+        if previous is not None and previous.is_alive():
+            previous.join()
+        self._swap_error = None
+
+        def work() -> None:
+            try:
+                self._swap(embedder, reranker, version, thresholds or {}, ready)
+            except BaseException as exc:  # the old retriever keeps serving; the error is kept for callers
+                log.exception("retriever swap to %s failed; the previous retriever keeps serving", version)
+                self._swap_error = exc
+
+        thread = threading.Thread(target=work, name="kb-retriever-swap", daemon=True)
+        self._swap_thread = thread
+        thread.start()
+        if wait:
+            self.wait_for_swap()
+        return thread
+
+    def wait_for_swap(self) -> None:
+        """Block until a running retriever swap is done; re-raises its error."""
+        thread = self._swap_thread
+        if thread is not None:
+            thread.join()
+        if self._swap_error is not None:
+            error, self._swap_error = self._swap_error, None
+            raise error
+
+    def _swap(
+        self,
+        embedder: Embedder,
+        reranker: Reranker | None,
+        version: str | None,
+        thresholds: dict[str, float],
+        ready: threading.Event | None,
+    ) -> None:
+        with self._lock.reading():
+            snapshot = dict(self._entries)
+            learned = {i: dict(texts) for i, texts in self._learned.items()}
+        report = self.progress
+
+        def progress(done: int, total: int) -> None:
+            if report:
+                report("re-embedding for the new retriever", done, total)
+
+        dense = self._build_dense(list(snapshot.values()), embedder, progress=progress)
+        if ready is not None:
+            ready.wait()
+        with self._lock.writing():
+            # Edits that landed while we embedded: drop the entries changed or removed, add them anew.
+            # (An entry's learned phrasings may have changed too: `learn` and `forget` leave the entry.)
+            relearned = {i for i in set(learned) | set(self._learned) if learned.get(i) != self._learned.get(i)}
+            stale = {i for i, e in snapshot.items() if self._entries.get(i) is not e} | relearned
+            fresh = [e for i, e in self._entries.items() if snapshot.get(i) is not e or i in relearned]
+            dense.remove_entries(stale)
+            if fresh:
+                added = self._build_dense(fresh, embedder)
+                for entry in fresh:
+                    keys, vectors = added.vectors_of(entry.id)
+                    dense.add(keys, vectors)
+            self.embedder, self.dense, self.reranker = embedder, dense, reranker
+            self.retriever_version, self.retriever_thresholds = version, dict(thresholds)
+            self._answers_pending.clear()  # the new index has every whole-entry vector
+            self._save()  # stamped with the new recipe: a restart with this version opens it as is
+            self._dirty = False
 
     # -- writing --------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[FAQEntry], *, source: str | None = None) -> UpsertReport:

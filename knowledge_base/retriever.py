@@ -36,8 +36,9 @@ hurts StackFAQ (0.831) and makes thresholds meaningless.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -45,7 +46,7 @@ from knowledge_base.entry import FAQEntry, text_hash
 from knowledge_base.index import DenseIndex, LexicalIndex
 from knowledge_base.settings import KBSettings
 
-__all__ = ["SearchHit", "rank"]
+__all__ = ["Reranker", "SearchHit", "Searcher", "rank", "rerank"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,77 @@ def rank(
         hits.append(SearchHit(entry, (1 - weight) * d + weight * lex, d, lex, matched or entry.question))
     hits.sort(key=lambda h: (-h.score, h.entry.id))
     return hits[:k]
+
+
+class Reranker(Protocol):
+    """Scores (query, entry text) pairs in [0, 1]; see `knowledge_base.retrievers.CrossEncoderReranker`."""
+
+    def score(self, query: str, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def rerank_text(entry: FAQEntry) -> str:
+    """What a cross-encoder reads of an entry (its first tokens matter; the model cuts the rest)."""
+    return f"{entry.question}\n{entry.answer}"
+
+
+def rerank(query: str, hits: list[SearchHit], reranker: Reranker, k: int) -> list[SearchHit]:
+    """``hits`` reordered by the reranker, the ``k`` best.
+
+    The reranked hits' ``score`` becomes the reranker's probability (``dense`` and ``lexical`` keep
+    the bi-encoder's signals): a version with an enabled reranker has its thresholds calibrated on
+    exactly this score, so the policy's "score >= threshold" keeps its meaning. Keeping the fused
+    score while reordering would not: the first hit could score below the second, which the
+    policy reads as a near tie and answers with "did you mean".
+    """
+    if not hits:
+        return hits
+    scores = reranker.score(query, [rerank_text(h.entry) for h in hits])
+    out = [replace(h, score=float(s)) for h, s in zip(hits, scores.tolist(), strict=True)]
+    out.sort(key=lambda h: (-h.score, h.entry.id))
+    return out[:k]
+
+
+class Searcher:
+    """A ranking over fixed indexes with a given embedder (and optional reranker): what
+    `KnowledgeBase.searcher` returns to evaluate a candidate retriever without serving it."""
+
+    def __init__(
+        self,
+        embedder: object,
+        dense: DenseIndex,
+        lexical: LexicalIndex,
+        entries: dict[str, FAQEntry],
+        settings: KBSettings,
+        *,
+        reranker: Reranker | None = None,
+        rerank_top: int = 10,
+    ) -> None:
+        self.embedder, self.dense, self.lexical, self.entries = embedder, dense, lexical, entries
+        self.settings, self.reranker, self.rerank_top = settings, reranker, rerank_top
+
+    def with_reranker(self, reranker: Reranker | None) -> Searcher:
+        return Searcher(
+            self.embedder,
+            self.dense,
+            self.lexical,
+            self.entries,
+            self.settings,
+            reranker=reranker,
+            rerank_top=self.rerank_top,
+        )
+
+    def rank_vector(self, query: str, vector: np.ndarray, k: int) -> list[SearchHit]:
+        n = max(k, self.rerank_top) if self.reranker is not None else k
+        hits = rank(
+            query, vector, dense=self.dense, lexical=self.lexical, entries=self.entries, settings=self.settings, k=n
+        )
+        return rerank(query, hits, self.reranker, k) if self.reranker is not None else hits
+
+    def search(self, query: str, k: int) -> list[SearchHit]:
+        vector = self.embedder.embed_batch([query])[0]  # type: ignore[attr-defined]
+        return self.rank_vector(query, vector, k)
+
+    def search_many(self, queries: Sequence[str], k: int, *, batch_size: int = 64) -> list[list[SearchHit]]:
+        """Like `search` for each query, embedding them in batches (mining and evaluation)."""
+        vectors = self.embedder.embed(list(queries), batch_size=batch_size)  # type: ignore[attr-defined]
+        return [self.rank_vector(q, v, k) for q, v in zip(queries, vectors, strict=True)]

@@ -76,8 +76,10 @@ def embedder() -> HashingEmbedder:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Defaults with the data dir in a temp folder; the real environment is ignored."""
-    return load_settings(env={}, overrides={"data_dir": str(tmp_path / "data")})
+    """Defaults with the data dir in a temp folder; the real environment is ignored. Generation is
+    on (the default "auto" turns it off on a CPU): the unit tests exercise the generated mode with
+    fake or tiny models."""
+    return load_settings(env={}, overrides={"data_dir": str(tmp_path / "data"), "policy.generation": "on"})
 
 
 def _build_tiny_model(folder: Path) -> Path:

@@ -60,6 +60,7 @@ def make_settings(data_dir: Path, model_dir: Path, **overrides: Any) -> Settings
         "model.device": "cpu",
         "model.max_new_tokens": 8,
         "server.rate_limit_per_minute": 0,
+        "policy.generation": "on",  # the tiny model's drafts exercise the guard
     }
     values.update(overrides)
     return load_settings(env={}, overrides=values)

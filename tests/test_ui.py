@@ -9,6 +9,7 @@ streams the first FAQ entry it is shown (so generated answers pass the grounding
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import re
@@ -73,11 +74,21 @@ def engine(settings: Settings, embedder: Any) -> Iterator[ChatEngine]:
 
 
 def fn(blocks: gr.Blocks, api_name: str) -> Any:
-    """The Python function behind one event of a page (its api_name: given, or the function's name)."""
+    """The Python function behind one event of a page (its api_name: given, or the function's name).
+    A streaming callback's steps come back with ``gr.update(value=...)`` outputs as their values
+    (`test_thumbs_appear_only_on_final_answers` looks at the updates themselves)."""
     for block_fn in blocks.fns.values():
         if block_fn.api_name == api_name:
+            if inspect.isgeneratorfunction(block_fn.fn):
+                return lambda *args: (tuple(map(_value, step)) for step in block_fn.fn(*args))
             return block_fn.fn
     raise KeyError(f"{api_name} not in {[f.api_name for f in blocks.fns.values()]}")
+
+
+def _value(output: Any) -> Any:
+    if isinstance(output, dict) and output.get("__type__") == "update" and "value" in output:
+        return output["value"]
+    return output
 
 
 def select(row_value: list[Any] | None = None, index: Any = 0, value: Any = None) -> gr.SelectData:
@@ -379,10 +390,11 @@ def test_answers_stream_and_the_conversation_is_remembered(engine: ChatEngine) -
     question = first_question(engine, "generated", DEMO_QUERIES)
     steps = list(respond(question, [], chat_page.new_session()))
     histories = [s[1] for s in steps]
-    assert histories[0][-1]["content"] == "…"  # the question shows at once, with a typing marker
-    partial = [h[-1]["content"] for h in histories[1:-1]]
-    assert len(partial) >= 3 and all(p.endswith("▍") for p in partial)
-    assert len(partial[-1]) > len(partial[0])  # the text grows as it streams
+    assert histories[0][-1] == {"role": "user", "content": question}  # the question shows at once
+    assert histories[1][-1]["content"] == "…"  # then a typing marker
+    partial = [h[-1]["content"] for h in histories[2:-2]]
+    assert partial and all(p.endswith("▍") for p in partial)  # checked sentences stream in
+    assert histories[-2] == histories[-1]  # the final text, then (the same) with its thumbs
     final_history, session = steps[-1][1], steps[-1][2]
     assert final_history[0] == {"role": "user", "content": question}
     assert "<details class='sb-sources'>" in final_history[-1]["content"]
@@ -434,6 +446,16 @@ def test_thumbs_and_comments_are_stored(engine: ChatEngine) -> None:
     assert ignored[1]["visible"] is False
 
 
+def test_thumbs_appear_only_on_final_answers(engine: ChatEngine) -> None:
+    page = chat_page.build_chat_page(engine)
+    raw = next(f.fn for f in page.fns.values() if f.api_name == "chat")
+    question = first_question(engine, "generated", DEMO_QUERIES)
+    chats = [step[1] for step in raw(question, [], chat_page.new_session())]
+    *writing, final = chats
+    assert writing and all(c["feedback_options"] == [] for c in writing)
+    assert final["feedback_options"] == ["Like", "Dislike"]
+
+
 def test_new_conversation_and_suggested_questions(engine: ChatEngine) -> None:
     page = chat_page.build_chat_page(engine)
     chatbot, session, text, *_ = fn(page, "restart")()
@@ -466,7 +488,7 @@ def test_the_chat_page_over_gradio_client(engine: ChatEngine) -> None:
     try:
         client = Client(url, verbose=False)
         result = client.predict("How do I cancel an order?", [], api_name="/chat")
-        history = result[1]
+        history = _value(result[1])
         assert "within 1 hour" in str(history[-1]["content"]) and "Source" in str(history[-1]["content"])
         assert engine.store.stats()["totals"]["questions"] == 1
     finally:
@@ -832,9 +854,52 @@ def test_the_progress_view_follows_a_job(engine: ChatEngine, settings: Settings,
     page = console.build_console(engine, settings, runner=runner)
     runner.start("a1", [*fake_job, "ok"])
     runner.wait(60)
-    body, losses, log, evaluation, adapters, key = fn(page, "poll")("")
+    body, losses, log, evaluation, adapters, retrievers, key = fn(page, "poll")("")
     assert "a1: finished" in body and "width:100.0%" in body
     assert list(losses["split"]) == ["train", "train", "train", "eval"]
     assert "plain log line" in log and list(evaluation["metric"])  # before/after rows
-    assert isinstance(adapters, pd.DataFrame) and key.startswith("a1|succeeded")
+    assert isinstance(adapters, pd.DataFrame) and isinstance(retrievers, pd.DataFrame)
+    assert key.startswith("a1|succeeded")
     assert fn(page, "poll")(key)[0] == gr.skip()  # unchanged: nothing is sent
+
+
+def fake_retriever(settings: Settings, name: str, thresholds: dict[str, float]) -> None:
+    """A retriever version folder as `finetune.retriever` writes it (its model: the test embedder's
+    stand-in, never loaded here because the console's swap uses the engine's embedder registry)."""
+    folder = Path(settings.data_dir) / "retrievers" / name
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "modules.json").write_text("[]")
+    (folder / "retriever.json").write_text(json.dumps({"version_id": "abc", "created_at": "2026-01-01T00:00:00"}))
+    (folder / "thresholds.json").write_text(json.dumps(thresholds))
+    report = {
+        "before": {"by_example": {"p@1": 0.5, "queries": 4}, "by_entry": {"p@1": 0.25, "queries": 4}},
+        "after": {"by_example": {"p@1": 0.75, "queries": 4}, "by_entry": {"p@1": 0.25, "queries": 4}},
+        "reranker": {"enabled": False, "reason": "not trained: too slow"},
+        "calibration": {"suggested": {"right": 0.7, "wrong": 0.05, "handoff": 0.25, "negatives_handed_off": 0.96}},
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def test_the_fine_tune_tab_manages_retriever_versions(
+    engine: ChatEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knowledge_base import retrievers
+
+    served: list[object] = []
+    monkeypatch.setattr(
+        retrievers, "serve_version", lambda kb, version, s, base=None, wait=False: served.append(version)
+    )
+    page = console.build_console(engine, settings)
+    assert "not a valid retriever name" in fn(page, "start_retriever")("bad name!", 1, "auto", False, False, False)
+    fake_retriever(settings, "r1", {"relevance_threshold": 0.5, "faq_threshold": 0.6, "clarify_margin": 0.02})
+    message, table, choice = fn(page, "activate_retriever")("r1")
+    assert "`r1` activated" in message and "background" in message and choice["value"] == "r1"
+    row = table.iloc[0]
+    assert row["active"].endswith("serving") and row["P@1 before → after (held-out questions)"] == "0.500 → 0.750"
+    assert row["thresholds (relevance / faq / margin)"] == "0.50 / 0.60 / 0.02"
+    assert row["right / wrong / handed off"] == "0.70 / 0.05 / 0.25" and row["out-of-scope handed off"] == "0.96"
+    assert served and served[-1].name == "r1"  # type: ignore[attr-defined]
+    assert "active" in fn(page, "remove_retriever")("r1")[0]
+    message, table, _ = fn(page, "rollback_retriever")()
+    assert "configured embedding model" in message and table.iloc[0]["active"] == ""
+    assert "Deleted" in fn(page, "remove_retriever")("r1")[0]

@@ -9,6 +9,7 @@ waiting for a generation slot) and the event loop never blocks.
 |---|---|
 | ``POST /api/chat`` (JSON, or SSE with ``"stream": true``), ``POST /api/feedback`` | none; chat is rate-limited per client |
 | ``GET /api/suggestions``, ``GET /api/health`` | none |
+| ``POST /api/handoff/contact``, ``POST /api/handoff/replies`` (``ui.api_handoff``) | the conversation's token |
 | ``GET/POST /api/kb/entries``, ``GET/PUT/DELETE /api/kb/entries/{id}``, ``POST /api/kb/upload``, ``GET /api/kb/search``, ``GET /api/kb/held``, ``POST /api/kb/entries/{id}/approve`` | API key or admin login |
 | ``GET/POST /api/kb/examples``, ``DELETE /api/kb/examples/{id}`` (labelled examples) | API key or admin login |
 | ``GET /api/conversations/export.csv``, ``GET /api/conversations/examples.csv`` | API key or admin login |
@@ -51,6 +52,7 @@ from chatbot.engine import MAX_MESSAGE_CHARS
 from chatbot.settings import Settings
 from knowledge_base.entry import content_id, normalize_text
 from knowledge_base.errors import IngestError, ModelLoadError, NotFoundError, ProblemsError, SupportBotError
+from ui.api_handoff import add_handoff_routes
 from ui.auth import Auth
 from ui.ratelimit import RateLimiter, client_address, retry_after
 from ui.security import Guards, new_client_token
@@ -1041,5 +1043,6 @@ def add_api(app: FastAPI, settings: Settings, engine: ChatEngine, auth: Auth, gu
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
+    add_handoff_routes(public, engine, call)  # contact and the team's replies (ui/api_handoff.py)
     for router in (public, kb_routes, conv_routes, v1):
         app.include_router(router)

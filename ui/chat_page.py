@@ -2,8 +2,9 @@
 
 What a customer sees: suggested questions on the empty chat, answers that stream in, the FAQ
 entries each answer comes from (folded away under "Sources"), "did you mean" buttons when the bot
-is unsure between entries, a clearly marked hand-off to a person, thumbs up/down with an optional
-comment on every answer, and "New conversation". The conversation id lives in the page's session
+is unsure between entries, a clearly marked hand-off to a person (with an optional field for an
+e-mail or phone to be answered at, and the team's replies appearing in the chat while it is open),
+thumbs up/down with an optional comment on every final answer, and "New conversation". The conversation id lives in the page's session
 state (on the server), so each browser tab is its own conversation.
 
 Security (docs/security.md): the conversations a browser starts belong to its ``sb-client`` cookie
@@ -49,6 +50,12 @@ log = logging.getLogger(__name__)
 #: Shown in place of an answer when the engine fails unexpectedly.
 ERROR_TEXT = "Sorry, something went wrong on our side. Please try again in a moment."
 HANDOFF_BADGE = "Passed to our support team"
+#: The bubble while an answer is on its way (and while a generated draft is still being checked).
+TYPING = "…"
+FEEDBACK = ("Like", "Dislike")
+OPERATOR_BADGE = "Support team"
+#: Seconds between two looks for the team's replies while a hand-off is open.
+REPLY_POLL_S = 4.0
 MAX_SOURCE_CHARS = 600
 
 CSS = """
@@ -70,6 +77,10 @@ details.sb-sources summary { cursor: pointer; color: var(--body-text-color-subdu
 details.sb-sources li { margin: 6px 0; }
 .sb-source-answer { color: var(--body-text-color-subdued); }
 .sb-contact { font-size: 0.92em; }
+.sb-operator { display: inline-block; background: #e6f4ff; color: #0b4a7a; border-left: 4px solid #3b82f6;
+  border-radius: 6px; padding: 3px 10px; font-weight: 600; font-size: 0.92em; }
+#sb-contact-box { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 6px 10px; }
+#sb-contact-row { align-items: stretch; gap: 8px; flex-wrap: nowrap; }
 #sb-chat .examples { gap: 10px; }
 #sb-chat .example { border: 1px solid var(--border-color-primary); border-radius: 14px;
   background: var(--background-fill-secondary); }
@@ -166,6 +177,21 @@ def answer_message(answer: Any, *, handoff_contact: str = "") -> dict[str, Any]:
     return message
 
 
+def operator_message(text: str) -> str:
+    """A reply from the support team, marked as coming from a person."""
+    return f"<span class='sb-operator'>👤 {OPERATOR_BADGE}</span>\n\n{html.escape(text)}"
+
+
+def in_progress(history: list[dict[str, Any]]) -> Any:
+    """The chat while an answer is being written: no thumbs on any message."""
+    return gr.update(value=[*history], feedback_options=[])
+
+
+def finished(history: list[dict[str, Any]]) -> Any:
+    """The chat with its final answer: thumbs back on."""
+    return gr.update(value=[*history], feedback_options=list(FEEDBACK))
+
+
 def _examples(questions: list[str]) -> list[ExampleMessage]:
     return [{"text": q, "display_text": q} for q in questions]
 
@@ -208,16 +234,22 @@ def build_chat_page(
             wait = guards.chat_limiter.acquire(guards.client_of(request))
             if wait > 0:
                 raise gr.Error(f"You are sending messages too quickly. Please try again in {retry_after(wait)} s.")
-        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
-        yield "", [*history], session, *_hidden_feedback()
+        # No thumbs while an answer is being written: a rating belongs to a final answer. They go
+        # first, with the question alone: Gradio may render a new message before it applies the
+        # props of the same update (a browser test saw thumbs flash on the "…" bubble).
+        history = [*history, {"role": "user", "content": message}]
+        yield "", in_progress(history), session, *_hidden_feedback()
+        history = [*history, {"role": "assistant", "content": TYPING}]
+        yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
         streamed = ""
         try:
             events = engine.answer_stream(message, session.get("conversation_id"), client="web", owner=session["owner"])
             for event in events:
                 if event.kind == "delta" and event.text:
+                    # Only guard-checked text arrives here (chatbot.guarded_stream).
                     streamed += event.text
                     history[-1] = {"role": "assistant", "content": streamed + " ▍"}
-                    yield gr.skip(), [*history], session, gr.skip(), gr.skip()
+                    yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
                 elif event.kind == "done" and event.answer is not None:
                     answer = event.answer
                     history[-1] = answer_message(answer, handoff_contact=contact)
@@ -226,14 +258,19 @@ def build_chat_page(
                         "conversation_id": answer.conversation_id,
                         "message_ids": {**session.get("message_ids", {}), str(len(history) - 1): answer.message_id},
                     }
-                    yield gr.skip(), history, session, gr.skip(), gr.skip()
+                    if answer.ticket_id is not None:  # a person takes over: offer a contact, poll for replies
+                        session["ticket_id"] = answer.ticket_id
+                    # The final text first, the thumbs after: in one update Gradio may show the new
+                    # props on the old text (a browser test saw thumbs beside the typing cursor).
+                    yield gr.skip(), in_progress(history), session, gr.skip(), gr.skip()
+                    yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
         except SupportBotError as exc:
             history[-1] = {"role": "assistant", "content": html.escape(exc.message)}
-            yield gr.skip(), history, session, gr.skip(), gr.skip()
+            yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
         except Exception:
             log.exception("chat answer failed")
             history[-1] = {"role": "assistant", "content": ERROR_TEXT}
-            yield gr.skip(), history, session, gr.skip(), gr.skip()
+            yield gr.skip(), finished(history), session, gr.skip(), gr.skip()
 
     def rate(session: dict[str, Any], data: gr.LikeData) -> tuple[Any, ...]:
         index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
@@ -260,6 +297,34 @@ def build_chat_page(
     def close_comment(session: dict[str, Any]) -> tuple[Any, ...]:
         return {**(session or new_session()), "pending": None}, *_hidden_feedback()
 
+    ask_contact = bool(getattr(getattr(engine.settings, "handoff", None), "ask_contact", False))
+
+    def after_answer(session: dict[str, Any]) -> tuple[Any, ...]:
+        """After a hand-off: the optional contact field, and polling for the team's replies."""
+        handed_off = bool((session or {}).get("ticket_id"))
+        show = handed_off and ask_contact and not session.get("contact_given")
+        return gr.update(visible=show), gr.Timer(active=handed_off)
+
+    def send_contact(value: str, session: dict[str, Any]) -> tuple[Any, ...]:
+        session = session or new_session()
+        try:
+            ticket = engine.handoff.add_contact(str(session.get("conversation_id") or ""), value)
+        except SupportBotError as exc:
+            return session, gr.skip(), f"⚠️ {html.escape(exc.message)}. {html.escape(exc.fix or '')}"
+        gr.Info(f"Thanks! Our team will reply to {ticket.contact}.")
+        return {**session, "contact_given": True}, gr.update(visible=False), ""
+
+    def poll_replies(history: list[dict[str, Any]], session: dict[str, Any]) -> tuple[Any, ...]:
+        """The team's replies that this chat has not shown yet (the page polls while a ticket is open)."""
+        cid = (session or {}).get("conversation_id")
+        if not cid:
+            return gr.skip(), gr.skip()
+        replies = engine.handoff.replies(cid, after=int(session.get("last_reply", 0)))
+        if not replies:
+            return gr.skip(), gr.skip()
+        history = [*history, *({"role": "assistant", "content": operator_message(r.text)} for r in replies)]
+        return history, {**session, "last_reply": replies[-1].id}
+
     def restart(session: dict[str, Any] | None = None) -> tuple[Any, ...]:
         return [], {**new_session(), "owner": (session or {}).get("owner")}, "", *_hidden_feedback()
 
@@ -279,7 +344,7 @@ def build_chat_page(
             scale=1,
             layout="bubble",
             buttons=["copy"],
-            feedback_options=("Like", "Dislike"),
+            feedback_options=FEEDBACK,
             placeholder=f"### 👋 Hi there!\n{intro}",
             examples=_examples(suggested()),
             autoscroll=True,
@@ -292,6 +357,20 @@ def build_chat_page(
                 )
                 send_comment_button = gr.Button("Send", size="sm", scale=0, min_width=64, elem_id="sb-comment-send")
                 skip_button = gr.Button("Skip", size="sm", scale=0, min_width=56, variant="secondary")
+        with gr.Column(visible=False, elem_id="sb-contact-box") as contact_box:
+            contact_prompt = str(getattr(getattr(engine.settings, "handoff", None), "contact_prompt", ""))
+            gr.Markdown(contact_prompt)
+            with gr.Row(elem_id="sb-contact-row"):
+                contact_input = gr.Textbox(
+                    show_label=False,
+                    placeholder="you@example.com or +1 555 0100",
+                    lines=1,
+                    scale=1,
+                    elem_id="sb-contact",
+                )
+                contact_button = gr.Button("Send", size="sm", scale=0, min_width=64, elem_id="sb-contact-send")
+            contact_error = gr.Markdown()
+        replies_timer = gr.Timer(REPLY_POLL_S, active=False)
         with gr.Row(elem_id="sb-input-row"):
             textbox = gr.Textbox(
                 show_label=False,
@@ -307,8 +386,18 @@ def build_chat_page(
 
         outputs = [textbox, chatbot, session, feedback_box, comment]
         chat_args: dict[str, Any] = {"concurrency_limit": None, "show_progress": "hidden"}
-        textbox.submit(respond, [textbox, chatbot, session], outputs, api_name="chat", **chat_args)
-        send_button.click(respond, [textbox, chatbot, session], outputs, api_visibility="private", **chat_args)
+        private: dict[str, Any] = {"api_visibility": "private"}
+        handoff_outputs = [contact_box, replies_timer]
+        textbox.submit(respond, [textbox, chatbot, session], outputs, api_name="chat", **chat_args).then(
+            after_answer, [session], handoff_outputs, **private
+        )
+        send_button.click(respond, [textbox, chatbot, session], outputs, **private, **chat_args).then(
+            after_answer, [session], handoff_outputs, **private
+        )
+        contact_outputs = [session, contact_box, contact_error]
+        contact_button.click(send_contact, [contact_input, session], contact_outputs, **private)
+        contact_input.submit(send_contact, [contact_input, session], contact_outputs, **private)
+        replies_timer.tick(poll_replies, [chatbot, session], [chatbot, session], queue=False, **private)
 
         def pick(data: gr.SelectData) -> str:
             value = data.value
@@ -317,14 +406,18 @@ def build_chat_page(
         for event in (chatbot.example_select, chatbot.option_select):
             event(pick, None, picked, queue=False, api_visibility="private").then(
                 respond, [picked, chatbot, session], outputs, api_visibility="private", **chat_args
-            )
+            ).then(after_answer, [session], handoff_outputs, **private)
         chatbot.like(rate, [session], [session, feedback_box, feedback_prompt, comment], api_visibility="private")
         comment_outputs = [session, feedback_box, comment]
         send_comment_button.click(send_comment, [comment, session], comment_outputs, api_visibility="private")
         comment.submit(send_comment, [comment, session], comment_outputs, api_visibility="private")
         skip_button.click(close_comment, [session], comment_outputs, api_visibility="private")
         reset_outputs = [chatbot, session, textbox, feedback_box, comment]
-        new_button.click(restart, [session], reset_outputs, api_visibility="private", queue=False)
-        chatbot.clear(restart, [session], reset_outputs, api_visibility="private", queue=False)
+        new_button.click(restart, [session], reset_outputs, api_visibility="private", queue=False).then(
+            after_answer, [session], handoff_outputs, **private
+        )
+        chatbot.clear(restart, [session], reset_outputs, api_visibility="private", queue=False).then(
+            after_answer, [session], handoff_outputs, **private
+        )
         page.load(on_load, None, chatbot, api_visibility="private", queue=False)
     return page

@@ -45,7 +45,9 @@ from knowledge_base.errors import IngestError, Problem, SupportBotError
 from knowledge_base.export import EXPORT_FORMATS, render_entries
 from ui.chat_page import CSS as CHAT_CSS
 from ui.chat_page import HEAD, theme
+from ui.console_handoffs import build_handoffs_tab
 from ui.console_learning import build_learning_tab
+from ui.console_settings import build_settings_tab
 from ui.jobs import JobRunner
 
 __all__ = [
@@ -73,6 +75,17 @@ HIT_COLUMNS = ["rank", "id", "question", "matched phrasing", "score", "dense", "
 CLUSTER_COLUMNS = ["#", "questions", "about", "wordings", "last asked"]
 LOW_RATED_COLUMNS = ["rated", "question", "answer", "mode", "comment", "corrected"]
 ADAPTER_COLUMNS = ["name", "active", "created", "base model", "steps", "train loss", "eval loss after"]
+RETRIEVER_COLUMNS = [
+    "name",
+    "active",
+    "created",
+    "P@1 before → after (held-out questions)",
+    "P@1 before → after (held-out entries)",
+    "reranker",
+    "thresholds (relevance / faq / margin)",
+    "right / wrong / handed off",
+    "out-of-scope handed off",
+]
 
 CONSOLE_CSS = (
     CHAT_CSS
@@ -229,12 +242,56 @@ def adapters_table(infos: Sequence[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ADAPTER_COLUMNS)
 
 
+def retrievers_table(versions: Sequence[Any]) -> pd.DataFrame:
+    """The retriever versions with their held-out figures and the trade-off of their thresholds."""
+
+    def p1(report: dict[str, Any], split: str) -> str:
+        b = report.get("before", {}).get(split, {}).get("p@1")
+        a = report.get("after", {}).get(split, {}).get("p@1")
+        return f"{b:.3f} → {a:.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+
+    rows = []
+    for v in versions:
+        report = v.report or {}
+        rr = report.get("reranker", {})
+        suggested = report.get("calibration", {}).get("suggested") or {}
+        t = v.thresholds
+        rows.append(
+            [
+                v.name,
+                "✅ serving" if v.active else "",
+                str(v.created_at)[:16].replace("T", " "),
+                p1(report, "by_example"),
+                p1(report, "by_entry"),
+                ("on: " if v.reranker_enabled else "off: ") + str(rr.get("reason", "")),
+                " / ".join(f"{t[k]:.2f}" for k in ("relevance_threshold", "faq_threshold", "clarify_margin") if k in t),
+                " / ".join(f"{suggested[k]:.2f}" for k in ("right", "wrong", "handoff") if k in suggested) or "-",
+                f"{suggested['negatives_handed_off']:.2f}" if "negatives_handed_off" in suggested else "-",
+            ]
+        )
+    return pd.DataFrame(rows, columns=RETRIEVER_COLUMNS)
+
+
 def _eval_table(result: dict[str, Any] | None) -> pd.DataFrame:
     from finetune.evaluate import summary_rows
 
     columns = ["metric", "before", "after", "change"]
     if not result:
         return pd.DataFrame([], columns=columns)
+    if "retriever" in result:  # a retriever fine-tune: held-out retrieval figures
+        report = result.get("report", {})
+        rows = []
+        for split in ("by_example", "by_entry"):
+            b, a = report.get("before", {}).get(split, {}), report.get("after", {}).get(split, {})
+            for metric in ("p@1", "hit@5", "mrr@10") if a.get("queries") else ():
+                rows.append(
+                    [f"{split} {metric}", round(b[metric], 4), round(a[metric], 4), round(a[metric] - b[metric], 4)]
+                )
+        lb = report.get("before", {}).get("latency_ms", {}).get("p95")
+        la = report.get("after", {}).get("latency_ms", {}).get("p95")
+        if isinstance(la, (int, float)) and isinstance(lb, (int, float)):
+            rows.append(["query p95 ms", lb, la, round(la - lb, 2)])
+        return pd.DataFrame(rows, columns=columns)
     rows = []
     for label, b, a in summary_rows(result.get("before", {}) or {}, result.get("after", {}) or {}):
         change = None if a is None or b is None else round(a - b, 4)
@@ -311,11 +368,15 @@ def build_console(
                 kb_parts = _kb_tab(engine, kb)
             with gr.Tab("Insights", id="insights"):
                 insight_parts = _insights_tab(engine, kb, store)
+            with gr.Tab("Hand-offs", id="handoffs"):
+                handoff_parts = build_handoffs_tab(engine)
             with gr.Tab("Resolved questions", id="learning"):
                 learning_parts = build_learning_tab(engine)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft_parts = _finetune_tab(engine, kb, store, settings, registry, runner)
-        for load in (kb_parts, insight_parts, learning_parts, ft_parts):
+            with gr.Tab("Settings", id="settings"):
+                settings_parts = build_settings_tab(engine)
+        for load in (kb_parts, insight_parts, handoff_parts, learning_parts, ft_parts, settings_parts):
             console.load(load[0], load[1], load[2], api_visibility="private")
     return console
 
@@ -1042,6 +1103,7 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         rollback_button = gr.Button("Roll back to the base model", scale=1)
         remove_button = gr.Button("Delete", variant="stop", scale=1)
     adapter_message = gr.Markdown()
+    retriever_parts = _retriever_section(engine, settings, runner)
     timer = gr.Timer(2.0)
     last_seen = gr.State("")
 
@@ -1106,15 +1168,20 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         return f"▶️ Started `{html.escape(name.strip())}`. Progress shows below; the chat keeps answering meanwhile."
 
     def stop() -> str:
-        return "Stopping: a checkpoint is saved first." if runner.cancel() else "No run is in progress."
+        # What the run really kept is known once it has stopped: the status line says it then.
+        return (
+            "Stopping: the run saves a checkpoint if it has trained a step…"
+            if runner.cancel()
+            else "No run is in progress."
+        )
 
     def poll(seen: str) -> tuple[Any, ...]:
         status = runner.status()
         if status is None:
-            return (gr.skip(),) * 5 + (seen,)
+            return (gr.skip(),) * 6 + (seen,)
         key = f"{status.name}|{status.state}|{status.phase}|{status.step}|{len(status.log_tail)}|{status.finished_at}"
         if key == seen:
-            return (gr.skip(),) * 5 + (seen,)
+            return (gr.skip(),) * 6 + (seen,)
         bar = f"<div class='sb-progress'><div style='width:{100 * status.fraction:.1f}%'></div></div>"
         head = html.escape(status.summary())
         body = f"<p><strong>{head}</strong></p>{bar}"
@@ -1126,8 +1193,9 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
         frame = pd.DataFrame(losses, columns=["step", "loss", "split"])
         finished_now = not status.running and (not seen or seen.split("|")[1] == "running")
         adapters = adapters_view_values()[0] if finished_now else gr.skip()
+        retrievers = retriever_parts[0]()[0] if finished_now else gr.skip()
         log_text = "\n".join(status.log_tail[-60:])
-        return body, frame, log_text, _eval_table(status.result), adapters, key
+        return body, frame, log_text, _eval_table(status.result), adapters, retrievers, key
 
     def do_activate(name: str | None) -> tuple[Any, ...]:
         if not name:
@@ -1181,7 +1249,7 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
     timer.tick(
         poll,
         [last_seen],
-        [job_status, loss_plot, job_log, eval_table, adapters_view, last_seen],
+        [job_status, loss_plot, job_log, eval_table, adapters_view, retriever_parts[1][0], last_seen],
         api_visibility="private",
         show_progress="hidden",
     )
@@ -1190,7 +1258,118 @@ def _finetune_tab(engine: Any, kb: Any, store: Any, settings: Settings, registry
     rollback_button.click(do_rollback, None, adapter_outputs, api_visibility="private")
     remove_button.click(do_remove, [adapter_choice], adapter_outputs, api_visibility="private")
 
-    def on_load(with_kb: bool, with_conversations: bool) -> tuple[Any, ...]:
-        return (*preview(with_kb, with_conversations), *adapters_view_values())
+    retriever_values, retriever_outputs = retriever_parts
 
-    return on_load, [use_kb, use_conversations], [dataset_info, dataset_samples, adapters_view, adapter_choice]
+    def on_load(with_kb: bool, with_conversations: bool) -> tuple[Any, ...]:
+        return (*preview(with_kb, with_conversations), *adapters_view_values(), *retriever_values())
+
+    return (
+        on_load,
+        [use_kb, use_conversations],
+        [dataset_info, dataset_samples, adapters_view, adapter_choice, *retriever_outputs],
+    )
+
+
+def _retriever_section(engine: Any, settings: Settings, runner: JobRunner) -> tuple[Any, list[Any]]:
+    """The fine-tune page's retriever part: start a retriever fine-tune (same job runner and
+    progress view as the LoRA run, same request validation as the CLI), and list, activate, roll
+    back or delete retriever versions with their held-out figures and thresholds' trade-off.
+    Returns (values for the page load, their outputs)."""
+    from knowledge_base.retrievers import RetrieverRegistry
+    from ui.jobs import retriever_command, settings_env
+
+    registry = RetrieverRegistry(settings.data_dir)
+    gr.Markdown(
+        "### 5 · Retriever\nTeach the search which entry customers mean: the embedder is fine-tuned on the "
+        "entries' phrasings and on labelled customer questions, a reranker is added only if it wins on held-out "
+        "questions without slowing answers, and the answer thresholds are recalibrated for it. Activating "
+        "re-embeds the knowledge base in the background; the current version answers until the swap."
+        + (
+            " Thresholds are pinned (`policy.pin_thresholds`): a version's own are not applied."
+            if settings.policy.pin_thresholds
+            else ""
+        )
+    )
+    with gr.Row():
+        name = gr.Textbox(label="Retriever name", value=lambda: dt.datetime.now().strftime("ret-%Y%m%d-%H%M"), scale=2)
+        epochs = gr.Number(label="Epochs", value=1.0, minimum=0.1, step=0.5, scale=1)
+        reranker = gr.Dropdown(label="Reranker", choices=["auto", "train", "off"], value="auto", scale=1)
+    with gr.Row():
+        activate = gr.Checkbox(label="Serve it when done", value=False)
+        resume = gr.Checkbox(label="Resume a stopped run of this name", value=False)
+        overwrite = gr.Checkbox(label="Replace a retriever of this name", value=False)
+        start_button = gr.Button("Start retriever fine-tune", variant="primary", elem_id="sb-rt-start")
+    start_message = gr.Markdown()
+    view = gr.Dataframe(headers=RETRIEVER_COLUMNS, interactive=False, wrap=True)
+    with gr.Row():
+        choice = gr.Dropdown(label="Retriever", choices=[], scale=2)
+        activate_button = gr.Button("Activate", variant="primary", scale=1)
+        rollback_button = gr.Button("Roll back", scale=1)
+        remove_button = gr.Button("Delete", variant="stop", scale=1)
+    message = gr.Markdown()
+
+    def retriever_values() -> tuple[Any, ...]:
+        versions = registry.list()
+        active = next((v.name for v in versions if v.active), None)
+        names = [v.name for v in versions]
+        return retrievers_table(versions), gr.update(choices=names, value=active or (names[-1] if names else None))
+
+    def start_retriever(
+        text: str, n_epochs: float, mode: str, do_activate: bool, do_resume: bool, do_overwrite: bool
+    ) -> str:
+        output = (text or "").strip()
+        try:
+            argv = retriever_command(
+                output,
+                epochs=float(n_epochs) if n_epochs else None,
+                reranker=mode or None,
+                resume=do_resume,
+                overwrite=do_overwrite,
+                activate=do_activate,
+            )
+            runner.start(output, argv, env=settings_env(settings))
+        except SupportBotError as exc:
+            return _error_text(exc)
+        return f"▶️ Started `{html.escape(output)}`. Progress shows above; the chat keeps answering meanwhile."
+
+    def swap_note() -> str:
+        try:
+            engine.sync_retriever()  # starts the background re-embedding now rather than at the next question
+        except SupportBotError as exc:
+            return " " + _error_text(exc)
+        return " Re-embedding in the background; the previous version answers until the swap."
+
+    def activate_retriever(selected: str | None) -> tuple[Any, ...]:
+        if not selected:
+            return ("Pick a retriever.", *retriever_values())
+        try:
+            version = registry.activate(selected)
+        except SupportBotError as exc:
+            return (_error_text(exc), *retriever_values())
+        return (f"✅ `{html.escape(version.name)}` activated.{swap_note()}", *retriever_values())
+
+    def rollback_retriever() -> tuple[Any, ...]:
+        version = registry.rollback()
+        what = f"`{html.escape(version.name)}`" if version else "the configured embedding model"
+        return (f"↩️ Rolled back to {what}.{swap_note()}", *retriever_values())
+
+    def remove_retriever(selected: str | None) -> tuple[Any, ...]:
+        if not selected:
+            return ("Pick a retriever.", *retriever_values())
+        try:
+            registry.remove(selected)
+        except SupportBotError as exc:
+            return (_error_text(exc), *retriever_values())
+        return (f"🗑️ Deleted `{html.escape(selected)}`.", *retriever_values())
+
+    start_button.click(
+        start_retriever,
+        [name, epochs, reranker, activate, resume, overwrite],
+        [start_message],
+        api_visibility="private",
+    )
+    outputs = [message, view, choice]
+    activate_button.click(activate_retriever, [choice], outputs, api_visibility="private")
+    rollback_button.click(rollback_retriever, None, outputs, api_visibility="private")
+    remove_button.click(remove_retriever, [choice], outputs, api_visibility="private")
+    return retriever_values, [view, choice]

@@ -48,11 +48,24 @@ __all__ = [
     "dataset_preview",
     "finetune_command",
     "main",
+    "retriever_command",
     "settings_env",
 ]
 
 #: Final states of a job.
 FINISHED = ("succeeded", "failed", "interrupted")
+#: The last job's status in the log folder (JSON), so a reload or restart of the console shows it.
+STATE_FILE = "last-job.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class JobBusyError(SupportBotError):
@@ -86,6 +99,8 @@ class JobStatus:
     error: dict[str, Any] | None = None
     log_tail: list[str] = field(default_factory=list)
     log_file: str = ""
+    checkpoint: str | None = None
+    """The checkpoint a stopped run left (from the child's ``interrupted`` event); None: none saved."""
 
     @property
     def running(self) -> bool:
@@ -109,7 +124,10 @@ class JobStatus:
         if self.state == "succeeded":
             return f"{self.name}: finished at {self.finished_at[11:16]} UTC ({self.finished_at[:10]})"
         if self.state == "interrupted":
-            return f"{self.name}: stopped at step {self.step}/{self.total_steps} (a checkpoint is kept: resume it)"
+            where = f"stopped at step {self.step}/{self.total_steps}"
+            if self.checkpoint:
+                return f"{self.name}: {where}; checkpoint kept at {self.checkpoint}: resume it"
+            return f"{self.name}: {where} before any checkpoint was saved: nothing to resume, start it again"
         message = (self.error or {}).get("message") or f"exit status {self.returncode}"
         return f"{self.name}: failed: {message}"
 
@@ -134,6 +152,47 @@ class JobRunner:
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._tail: deque[str] = deque(maxlen=log_lines)
+        self._restore()
+
+    # -- the last job survives a reload and a restart ---------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.log_dir / STATE_FILE
+
+    def _save(self) -> None:
+        """Write the current status (lock held) atomically: the console shows it after a restart."""
+        if self._status is None:
+            return
+        from knowledge_base.atomic import atomic_write_text
+
+        payload = {**dataclasses.asdict(self._status), "log_tail": list(self._tail)}
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.state_file, json.dumps(payload, ensure_ascii=False, default=str))
+        except OSError:  # the run goes on; only the after-restart view is lost
+            pass
+
+    def _restore(self) -> None:
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            known = {f.name for f in dataclasses.fields(JobStatus)}
+            status = JobStatus(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError):
+            return
+        status.losses = [tuple(x) for x in status.losses]  # type: ignore[misc]
+        status.eval_losses = [tuple(x) for x in status.eval_losses]  # type: ignore[misc]
+        if status.running:
+            # The server stopped while the run was going: its process is gone with it (or orphaned
+            # and unreadable); say so instead of showing it running forever.
+            status.state, status.phase = "interrupted", "stopped"
+            status.finished_at = status.finished_at or _now()
+            status.error = {"message": "the server stopped while this run was going", "fix": "resume it"}
+            if status.pid and _alive(status.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(status.pid, signal.SIGINT)  # let it save a checkpoint and exit
+        self._status = status
+        self._tail = deque(status.log_tail, maxlen=self._log_lines)
 
     # -- starting and stopping ------------------------------------------------------------------
 
@@ -181,6 +240,7 @@ class JobRunner:
                 target=self._read, args=(process, log_file), name=f"job-{name}", daemon=True
             )
             self._reader.start()
+            self._save()
             return self._snapshot()
 
     def cancel(self, *, grace_s: float = 60.0) -> bool:
@@ -260,6 +320,7 @@ class JobRunner:
                 status.phase = "failed"
                 if status.error is None:
                     status.error = {"message": f"the process exited with status {returncode}", "fix": "see the log"}
+            self._save()
 
     def _handle(self, line: str) -> None:
         event: Any = None
@@ -298,7 +359,15 @@ class JobRunner:
             elif kind == "interrupted":
                 status.phase = "interrupted"
                 status.step = int(event.get("step", status.step) or status.step)
-                self._tail.append(f"stopped at step {status.step}; checkpoint {event.get('checkpoint')}")
+                checkpoint = event.get("checkpoint")
+                status.checkpoint = str(checkpoint) if checkpoint else None
+                self._tail.append(
+                    f"stopped at step {status.step}; checkpoint {checkpoint}"
+                    if checkpoint
+                    else f"stopped at step {status.step}; no checkpoint was saved yet"
+                )
+            if kind in ("phase", "result", "error", "interrupted") or (kind == "step" and status.step % 5 == 0):
+                self._save()
 
 
 # -- the fine-tuning job ---------------------------------------------------------------------------
@@ -368,6 +437,85 @@ def finetune_command(
     }
     argv += [item for flag, value in values.items() if value is not None for item in (flag, str(value))]
     return argv
+
+
+def retriever_command(
+    output: str,
+    *,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    learning_rate: float | None = None,
+    reranker: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    activate: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """The command line of a retriever fine-tune job. The flags are checked here by the same
+    builder the CLI uses (`finetune.retriever.RetrieverRequest.from_args`), so a bad value is
+    refused before a process starts, with the CLI's message."""
+    from finetune.retriever import RetrieverRequest
+
+    values: dict[str, Any] = {
+        "--epochs": epochs,
+        "--max-steps": max_steps,
+        "--lr": learning_rate,
+        "--reranker": reranker,
+    }
+    flags = {"--resume": resume, "--overwrite": overwrite, "--activate": activate}
+    argv = ["--output", output]
+    argv += [flag for flag, on in flags.items() if on]
+    argv += [item for flag, value in values.items() if value is not None for item in (flag, str(value))]
+    try:
+        args = _retriever_parser().parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise SupportBotError(str(exc), fix="check the retriever fine-tune fields") from exc
+    RetrieverRequest.from_args(args)
+    return [python or sys.executable, "-m", "ui.jobs", "finetune-retriever", *argv]
+
+
+def _retriever_parser() -> argparse.ArgumentParser:
+    from finetune.retriever import add_retriever_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m ui.jobs finetune-retriever", exit_on_error=False)
+    parser.add_argument("--output", required=True)
+    for flag in ("--resume", "--overwrite", "--activate"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    add_retriever_arguments(parser)
+    return parser
+
+
+def _finetune_retriever(argv: Sequence[str]) -> int:
+    from chatbot.settings import load_settings
+    from finetune.retriever import RetrieverRequest
+    from finetune.train import TrainingInterrupted
+
+    try:
+        settings = load_settings()
+        request = RetrieverRequest.from_args(_retriever_parser().parse_args(list(argv)))
+    except SupportBotError as exc:
+        _emit({"event": "error", **exc.to_dict()})
+        return 2
+    _emit({"event": "phase", "phase": "starting", "pid": os.getpid()})
+    try:
+        result = request.run(settings, on_progress=_emit)
+    except TrainingInterrupted as exc:
+        _emit({"event": "interrupted", "step": exc.step, "total_steps": exc.total_steps, "checkpoint": exc.checkpoint})
+        return 130
+    except KeyboardInterrupt:
+        _emit({"event": "interrupted", "step": 0, "total_steps": 0, "checkpoint": None})
+        return 130
+    except SupportBotError as exc:
+        _emit({"event": "error", **exc.to_dict()})
+        return 2
+    except Exception as exc:  # the traceback goes to the log; the console shows the message
+        _emit({"event": "error", "error": type(exc).__name__, "message": str(exc), "fix": "see the log"})
+        raise
+    _emit({"event": "result", **result.to_dict()})
+    return 0
 
 
 def dataset_preview(
@@ -467,7 +615,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ui.jobs finetune ...``: the child process of a console fine-tune."""
+    """``python -m ui.jobs finetune ...``: the child process of a console fine-tune
+    (``finetune-retriever ...``: of a retriever fine-tune)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune-retriever"]:
+        started = time.perf_counter()
+        code = _finetune_retriever(argv[1:])
+        print(f"job finished in {time.perf_counter() - started:.0f} s with status {code}", file=sys.stderr)
+        return code
     parser = argparse.ArgumentParser(prog="python -m ui.jobs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="job", required=True)
     ft = sub.add_parser("finetune", help="run finetune.train.run_finetune, printing JSON progress lines")

@@ -27,17 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from chatbot.settings import Settings
 from ui.api import add_api
 from ui.auth import Auth
 from ui.security import Guards, SecurityMiddleware, cors_origins
+from ui.warmup import WarmingApp
 
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
 
-__all__ = ["create_app", "serve", "warm_up"]
+__all__ = ["banner_lines", "create_app", "serve", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,11 @@ def create_app(
     app.add_middleware(SecurityMiddleware, guards=guards)  # outermost: before CORS and every route
     add_api(app, settings, engine, auth, guards)
 
+    @app.get("/admin", include_in_schema=False)
+    async def admin_redirect() -> RedirectResponse:
+        # Gradio's mount answers only below "/admin/"; the banner and README print "/admin".
+        return RedirectResponse("/admin/", status_code=307)
+
     import_gradio = chat_ui is not False or console_ui is not False
     chat_options: dict[str, Any] | None = None
     console_options: dict[str, Any] | None = None
@@ -177,14 +183,17 @@ def _version() -> str:
         return "0"
 
 
-def warm_up(engine: ChatEngine) -> dict[str, float]:
+def warm_up(engine: ChatEngine, *, embedder: bool = True, generator: bool = True) -> dict[str, float]:
     """Load and exercise the models (one embedding, one search, a 1-token generation) so the first
     customer does not wait; returns the seconds each step took. A generator that fails to load is
     reported, not fatal: FAQ answers need no generator."""
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    engine.kb.search("How do I track my order?", 1)
-    timings["warm-up: embedder"] = time.perf_counter() - start
+    if embedder:
+        start = time.perf_counter()
+        engine.kb.search("How do I track my order?", 1)
+        timings["warm-up: embedder"] = time.perf_counter() - start
+    if not generator:
+        return timings
     start = time.perf_counter()
     try:
         engine.generator.generate(
@@ -210,43 +219,65 @@ def serve(
     up, print the URL, and serve until interrupted."""
     import uvicorn
 
+    from chatbot.runtime import apply_threads
     from chatbot.services import build_engine, demo_file
     from knowledge_base.private import restrict_umask
 
     say = announce or (lambda text: print(text, flush=True))
+    apply_threads(settings, serving=True)  # also when called without the CLI (idempotent)
     restrict_umask()  # everything this server writes (data, Gradio's temp files) is the account's alone
     began = time.perf_counter()
     steps: dict[str, float] = {}
     auth = Auth(settings, announce=say, reset_password=reset_password, reset_api_key=reset_api_key)
-    engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
-    if demo and len(engine.kb) == 0:
-        report = engine.kb.add_files([demo_file()])
-        say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
-    steps["knowledge base"] = time.perf_counter() - began
-    # Load the models while Gradio builds the pages: both take seconds, and mostly not the same resource.
-    warmer = threading.Thread(target=lambda: steps.update(warm_up(engine)), name="warm-up", daemon=True)
-    warmer.start()
-    pages_began = time.perf_counter()
-    app = create_app(settings, engine, auth=auth)
-    steps["web app"] = time.perf_counter() - pages_began
-    warmer.join()
-
     host, port = settings.server.host, settings.server.port
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
+    # The port answers at once with a "warming up" page; the real app replaces it when it is built.
+    front = WarmingApp()
+    engines: list[ChatEngine] = []
 
-    def ready() -> None:
-        since_start = _process_age()
-        total = (
-            f"{since_start:.1f} s after launch" if since_start is not None else f"{time.perf_counter() - began:.1f} s"
-        )
-        detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
-        say(f"SupportBot is ready ({total}; {detail})")
-        say(f"  chat {url}/   console {url}/admin   API {url}/docs   (Ctrl-C stops it)")
+    def since_launch() -> str:
+        age = _process_age()
+        return f"{age:.1f} s after launch" if age is not None else f"{time.perf_counter() - began:.1f} s"
+
+    def build() -> None:
+        try:
+            engine = build_engine(settings, background=True)  # large uploads: searchable first, refined after
+            engines.append(engine)
+            engine.handoff.start_worker()  # hand-off notifications (webhook, e-mail) and their retries
+            if demo and len(engine.kb) == 0:
+                front.stage = "loading the demo FAQ"
+                report = engine.kb.add_files([demo_file()])
+                say(f"Loaded the demo FAQ (Northwind Goods): {report.total} entries. Add yours in the console.")
+            front.stage = "loading the embedder"
+            steps.update(warm_up(engine, generator=False))
+            steps["knowledge base"] = time.perf_counter() - began
+            front.stage = "building the web pages"
+            pages_began = time.perf_counter()
+            app = create_app(settings, engine, auth=auth)
+            steps["web app"] = time.perf_counter() - pages_began
+            front.set_app(app)  # FAQ answers from now on; generation joins when warm
+            detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
+            say(f"SupportBot is ready ({since_launch()}; {detail})")
+            for line in banner_lines(url):
+                say(line)
+            verdict = engine.generation.verdict(settings)
+            if verdict.on:
+                seconds = warm_up(engine, embedder=False)["warm-up: generator"]
+                say(f"Generation is warm ({seconds:.1f} s; {since_launch()}).")
+            else:
+                say(f"Generation is off ({verdict.reason}); answers come from the FAQ.")
+        except Exception as exc:  # say why, and stop: a server without its app must not linger
+            log.exception("start-up failed")
+            say(f"error: SupportBot could not start: {exc}")
+            server.should_exit = True
+
+    def listening() -> None:
+        say(f"Listening on {url} ({since_launch()}); warming up…")
 
     # X-Forwarded-For is never trusted by uvicorn itself: `ui.api.client_address` decides (trusted_proxies).
     config = uvicorn.Config(
-        app,
+        front,
         host=host,
         port=port,
         log_level="warning",
@@ -256,12 +287,20 @@ def serve(
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
-    server = _make_server(config, ready)
+    server = _make_server(config, listening)
+    threading.Thread(target=build, name="start-up", daemon=True).start()
     try:
         server.run()
     finally:
-        engine.store.close()
-        engine.kb.close()
+        for engine in engines:
+            engine.handoff.stop_worker()
+            engine.store.close()
+            engine.kb.close()
+
+
+def banner_lines(url: str) -> list[str]:
+    """The addresses printed once the port listens (tests/test_urls.py requests every one)."""
+    return [f"  chat {url}/   console {url}/admin   API {url}/docs   (Ctrl-C stops it)"]
 
 
 def _process_age() -> float | None:
